@@ -1,0 +1,47 @@
+"""Gradients of the FFI path: a custom VJP whose backward is one kernel call
+(grad_x, grad_offset, grad_mask, grad_weight); grad_bias is a plain sum."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_deform._params import ConvParams
+from jax_deform._primitives import backward_p, empty_like_absent, forward_p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def deform_conv2d_ffi(x, offset, mask, weight, bias, params: ConvParams, deterministic: bool):
+    """NHWC operands, already checked; mask and bias may be None."""
+    return forward_p.bind(
+        x, offset, empty_like_absent(mask, x.dtype), weight,
+        empty_like_absent(bias, x.dtype), params=params,
+    )
+
+
+def _forward(x, offset, mask, weight, bias, params, deterministic):
+    y = deform_conv2d_ffi(x, offset, mask, weight, bias, params, deterministic)
+    return y, (x, offset, mask, weight, bias)
+
+
+def _backward(params, deterministic, residuals, grad_y):
+    x, offset, mask, weight, bias = residuals
+    grad_x, grad_offset, grad_mask, grad_weight = backward_p.bind(
+        x, offset, empty_like_absent(mask, x.dtype), weight, grad_y.astype(x.dtype),
+        params=params, deterministic=deterministic,
+    )
+    grad_bias = None
+    if bias is not None:
+        grad_bias = jnp.sum(grad_y.astype(jnp.float32), axis=(0, 1, 2)).astype(bias.dtype)
+    return (
+        grad_x.astype(x.dtype),
+        grad_offset.astype(offset.dtype),
+        None if mask is None else grad_mask.astype(mask.dtype),
+        grad_weight.astype(weight.dtype),
+        grad_bias,
+    )
+
+
+deform_conv2d_ffi.defvjp(_forward, _backward)

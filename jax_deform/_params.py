@@ -1,0 +1,219 @@
+"""Argument checking and normalization for deform_conv2d.
+
+Everything a user can get wrong is caught here, before tracing reaches a
+kernel, with a message that names the argument, what it got and what it
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+
+IntPair = Union[int, Sequence[int]]
+Padding = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT_DTYPES = KERNEL_DTYPES + ("float64",)
+IMPLEMENTATIONS = (None, "auto", "ffi", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvParams:
+    """Static geometry of one call, hashable so it can be a primitive parameter."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]  # (top, left); bottom/right only set the output size
+    dilation: tuple[int, int]
+
+    def ffi_attrs(self) -> dict[str, np.int64]:
+        return dict(
+            stride_h=np.int64(self.stride[0]),
+            stride_w=np.int64(self.stride[1]),
+            pad_h=np.int64(self.padding[0]),
+            pad_w=np.int64(self.padding[1]),
+            dil_h=np.int64(self.dilation[0]),
+            dil_w=np.int64(self.dilation[1]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Sizes of one call, all in NHWC terms."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    kh: int
+    kw: int
+    ho: int
+    wo: int
+    groups: int
+    multiplier: int
+
+    @property
+    def taps(self) -> int:
+        return self.kh * self.kw
+
+
+def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    elif (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _padding(
+    padding: Padding,
+    in_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Returns ((top, bottom), (left, right))."""
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return (0, 0), (0, 0)
+        if mode == "SAME":
+            pads = []
+            for size, k, s, d in zip(in_hw, kernel, stride, dilation):
+                out = -(-size // s)
+                total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+                pads.append((total // 2, total - total // 2))
+            return pads[0], pads[1]
+        raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+    if isinstance(padding, (int, np.integer)) or (
+        isinstance(padding, Sequence) and all(isinstance(p, (int, np.integer)) for p in padding)
+    ):
+        ph, pw = _pair("padding", padding, 0)
+        return (ph, ph), (pw, pw)
+    if (
+        isinstance(padding, Sequence)
+        and len(padding) == 2
+        and all(isinstance(p, Sequence) and len(p) == 2 for p in padding)
+    ):
+        (t, b), (l, r) = _pair("padding", padding[0], 0), _pair("padding", padding[1], 0)
+        return (t, b), (l, r)
+    raise TypeError(
+        "padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), "
+        f"got {padding!r}"
+    )
+
+
+def _check_dtypes(arrays: dict) -> np.dtype:
+    dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items() if a is not None}
+    x_dtype = dtypes["x"]
+    if x_dtype.name not in FLOAT_DTYPES:
+        raise TypeError(f"x must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {x_dtype}")
+    for name, dtype in dtypes.items():
+        if dtype != x_dtype:
+            raise TypeError(f"{name} has dtype {dtype} but x has dtype {x_dtype}; they must match")
+    return x_dtype
+
+
+def _expect_shape(name: str, got: tuple, want: tuple, hint: str = "") -> None:
+    if tuple(got) != tuple(want):
+        extra = f" ({hint})" if hint else ""
+        raise ValueError(f"{name} has shape {tuple(got)} but expected {tuple(want)}{extra}")
+
+
+def check_arguments(
+    x, offset, weight, mask, bias, stride, padding, dilation, data_format: str
+) -> tuple[ConvParams, Layout]:
+    """Validates shapes, dtypes and options; returns the normalized geometry.
+
+    Shapes are read in the caller's data_format; Layout is in NHWC terms.
+    """
+    if data_format not in ("NHWC", "NCHW"):
+        raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}")
+    nchw = data_format == "NCHW"
+    for name, arr in (("x", x), ("offset", offset), ("weight", weight)):
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
+    _check_dtypes(dict(x=x, offset=offset, weight=weight, mask=mask, bias=bias))
+
+    def nhwc(shape):
+        return (shape[0], shape[2], shape[3], shape[1]) if nchw else tuple(shape)
+
+    def in_format(shape):
+        return (shape[0], shape[3], shape[1], shape[2]) if nchw else tuple(shape)
+
+    axes = "(N, C, H, W)" if nchw else "(N, H, W, C)"
+    if x.ndim != 4:
+        raise ValueError(f"x must be rank 4 {axes}, got shape {tuple(x.shape)}")
+    n, h, w, c = nhwc(x.shape)
+    if weight.ndim != 4 or weight.shape[2] != 1 or weight.shape[3] % c or weight.shape[3] == 0:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} but expected (kh, kw, 1, C*M) with C = {c} "
+            "(an HWIO depthwise kernel, as lax.conv_general_dilated with feature_group_count=C)"
+        )
+    kh, kw, _, cm = weight.shape
+    if kh < 1 or kw < 1:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: kernel size must be >= 1")
+    stride_ = _pair("stride", stride, 1)
+    dilation_ = _pair("dilation", dilation, 1)
+    (pt, pb), (pl, pr) = _padding(padding, (h, w), (kh, kw), stride_, dilation_)
+    ho = (h + pt + pb - dilation_[0] * (kh - 1) - 1) // stride_[0] + 1
+    wo = (w + pl + pr - dilation_[1] * (kw - 1) - 1) // stride_[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"the output would be empty: x spatial size {(h, w)} with kernel {(kh, kw)}, "
+            f"dilation {dilation_}, padding {((pt, pb), (pl, pr))} and stride {stride_} "
+            f"gives an output of {(ho, wo)}"
+        )
+    taps = kh * kw
+    if offset.ndim != 4:
+        raise ValueError(
+            f"offset must be rank 4, got shape {tuple(offset.shape)}; expected "
+            f"{in_format((n, ho, wo, 2 * taps))} for one offset group"
+        )
+    off_nhwc = nhwc(offset.shape)
+    if off_nhwc[3] == 0 or off_nhwc[3] % (2 * taps):
+        raise ValueError(
+            f"offset has shape {tuple(offset.shape)} but its channel axis must be 2*G*kh*kw = "
+            f"a multiple of {2 * taps} (kernel {kh}x{kw})"
+        )
+    groups = off_nhwc[3] // (2 * taps)
+    if c % groups:
+        raise ValueError(
+            f"offset has shape {tuple(offset.shape)}, i.e. G = {groups} offset groups, but "
+            f"the {c} channels of x are not divisible by G"
+        )
+    _expect_shape("offset", offset.shape, in_format((n, ho, wo, 2 * groups * taps)),
+                  "(N, Ho, Wo, 2*G*kh*kw) in NHWC terms")
+    if mask is not None:
+        if not hasattr(mask, "shape"):
+            raise TypeError(f"mask must be an array or None, got {type(mask).__name__}")
+        _expect_shape("mask", mask.shape, in_format((n, ho, wo, groups * taps)),
+                      "(N, Ho, Wo, G*kh*kw) in NHWC terms")
+    if bias is not None:
+        if not hasattr(bias, "shape"):
+            raise TypeError(f"bias must be an array or None, got {type(bias).__name__}")
+        _expect_shape("bias", bias.shape, (cm,), "(C*M,)")
+    params = ConvParams(stride=stride_, padding=(pt, pl), dilation=dilation_)
+    layout = Layout(n=n, h=h, w=w, c=c, kh=kh, kw=kw, ho=ho, wo=wo, groups=groups,
+                    multiplier=cm // c)
+    return params, layout
+
+
+def layout_of(x, offset, weight) -> Layout:
+    """Layout of already-checked NHWC operands (used where only shapes are at hand)."""
+    n, h, w, c = x.shape
+    _, ho, wo, off_c = offset.shape
+    kh, kw, _, cm = weight.shape
+    return Layout(n=n, h=h, w=w, c=c, kh=kh, kw=kw, ho=ho, wo=wo,
+                  groups=off_c // (2 * kh * kw), multiplier=cm // c)

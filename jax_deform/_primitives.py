@@ -1,0 +1,137 @@
+"""The JAX primitives behind deform_conv2d: abstract evaluation, lowering to the
+FFI kernels, and the registration of those kernels with XLA.
+
+Operands are always NHWC. An absent mask or bias travels as an empty array
+(shape (0,)), which the kernels read as "none".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from jax_deform import _sharding
+from jax_deform._params import ConvParams, layout_of
+from jax_deform.reference import deform_conv2d_nhwc as _reference_nhwc
+
+try:
+    from jax_deform import _jax_deform as _extension
+except ImportError:  # not built: every call takes the pure-jnp path
+    _extension = None
+
+FORWARD_TARGET = "jax_deform_forward"
+BACKWARD_TARGET = "jax_deform_backward"
+
+
+def _register_targets() -> frozenset[str]:
+    if _extension is None:
+        return frozenset()
+    platforms = set()
+    for platform, targets in _extension.registrations().items():
+        for name, capsule in targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform=platform)
+        platforms.add(platform.lower())
+    return frozenset(platforms)
+
+
+#: Lower-case platform names ("cpu", "cuda") that have compiled kernels.
+KERNEL_PLATFORMS: frozenset[str] = _register_targets()
+
+
+def empty_like_absent(value, dtype):
+    """The kernels' encoding of an absent mask or bias."""
+    return jnp.zeros((0,), dtype) if value is None else value
+
+
+def _none_if_empty(value):
+    return None if value.size == 0 else value
+
+
+def _impl(prim: Primitive):
+    @functools.lru_cache(maxsize=None)
+    def jitted(**params):
+        return jax.jit(functools.partial(prim.bind, **params))
+
+    return lambda *args, **params: jitted(**params)(*args)
+
+
+# ---------------------------------------------------------------- forward
+
+forward_p = Primitive("deform_conv2d_forward")
+forward_p.def_impl(_impl(forward_p))
+
+
+def _forward_abstract_eval(x, offset, mask, weight, bias, *, params: ConvParams):
+    n, _, _, _ = x.shape
+    _, ho, wo, _ = offset.shape
+    return jax.core.ShapedArray(
+        (n, ho, wo, weight.shape[3]), x.dtype, sharding=_sharding.output_sharding(x, ho, wo)
+    )
+
+
+forward_p.def_abstract_eval(_forward_abstract_eval)
+
+
+def _forward_lowering(ctx, x, offset, mask, weight, bias, *, params: ConvParams):
+    return jax.ffi.ffi_lowering(FORWARD_TARGET)(
+        ctx, x, offset, mask, weight, bias, **params.ffi_attrs()
+    )
+
+
+def _forward_fallback(x, offset, mask, weight, bias, *, params: ConvParams):
+    return _reference_nhwc(x, offset, weight, _none_if_empty(mask), _none_if_empty(bias),
+                           params, layout_of(x, offset, weight))
+
+
+# ---------------------------------------------------------------- backward
+
+backward_p = Primitive("deform_conv2d_backward")
+backward_p.multiple_results = True
+backward_p.def_impl(_impl(backward_p))
+
+
+def _backward_abstract_eval(x, offset, mask, weight, grad_y, *, params, deterministic):
+    del grad_y, params, deterministic
+    f32 = jnp.float32
+    return (
+        jax.core.ShapedArray(x.shape, f32, sharding=_sharding.like(x)),
+        jax.core.ShapedArray(offset.shape, f32, sharding=_sharding.like(offset)),
+        jax.core.ShapedArray(mask.shape, f32, sharding=_sharding.like(mask)),
+        jax.core.ShapedArray(weight.shape, f32, sharding=_sharding.like(weight)),
+    )
+
+
+backward_p.def_abstract_eval(_backward_abstract_eval)
+
+
+def _backward_lowering(ctx, x, offset, mask, weight, grad_y, *, params, deterministic):
+    return jax.ffi.ffi_lowering(BACKWARD_TARGET)(
+        ctx, x, offset, mask, weight, grad_y, deterministic=bool(deterministic),
+        **params.ffi_attrs()
+    )
+
+
+def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic):
+    del deterministic
+    layout = layout_of(x, offset, weight)
+    has_mask = mask.size > 0
+
+    def f(x, offset, mask, weight):
+        return _reference_nhwc(x, offset, weight, mask if has_mask else None, None,
+                               params, layout)
+
+    _, vjp = jax.vjp(f, x, offset, mask, weight)
+    grads = vjp(grad_y)
+    return [g.astype(jnp.float32) for g in grads]
+
+
+for _platform in KERNEL_PLATFORMS:
+    mlir.register_lowering(forward_p, _forward_lowering, platform=_platform)
+    mlir.register_lowering(backward_p, _backward_lowering, platform=_platform)
+# Platforms without a compiled kernel lower to the pure-jnp computation.
+mlir.register_lowering(forward_p, mlir.lower_fun(_forward_fallback, multiple_results=False))
+mlir.register_lowering(backward_p, mlir.lower_fun(_backward_fallback, multiple_results=True))

@@ -1,0 +1,166 @@
+// XLA FFI handlers for the CPU kernels: decode buffers, dispatch on dtype,
+// run on XLA's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
+#include "cpu_dtypes.h"
+#include "cpu_kernels.h"
+#include "ffi_handlers.h"
+#include "ffi_shapes.h"
+
+namespace jax_deform {
+namespace {
+
+// Work-sharing loop over XLA's thread pool. Scheduled helpers may start after
+// the loop is already done (the pool can be busy); they then find no work and
+// touch only the shared state they keep alive.
+ParallelFor PoolParallelFor(ffi::ThreadPool& pool) {
+  return [&pool](int64_t count, const std::function<void(int64_t)>& body) {
+    const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+    if (helpers <= 0) {
+      for (int64_t i = 0; i < count; ++i) body(i);
+      return;
+    }
+    struct State {
+      std::atomic<int64_t> next{0}, done{0};
+      std::mutex mu;
+      std::condition_variable cv;
+    };
+    auto state = std::make_shared<State>();
+    const auto* fn = &body;
+    auto run = [state, fn, count]() {
+      int64_t finished = 0;
+      for (int64_t i; (i = state->next.fetch_add(1)) < count; ++finished) (*fn)(i);
+      if (finished > 0 && state->done.fetch_add(finished) + finished == count) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    };
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
+    run();
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->done.load() == count; });
+  };
+}
+
+template <typename T>
+const T* DataOrNull(const ffi::AnyBuffer& b) {
+  return b.element_count() > 0 ? static_cast<const T*>(b.untyped_data()) : nullptr;
+}
+
+template <typename T>
+void RunForward(const ConvShape& s, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                ffi::Result<ffi::AnyBuffer>& y, const ParallelFor& parallel) {
+  ForwardCpu<T>(s, DataOrNull<T>(x), DataOrNull<T>(offset), DataOrNull<T>(mask),
+                DataOrNull<T>(weight), DataOrNull<T>(bias),
+                static_cast<T*>(y->untyped_data()), parallel);
+}
+
+template <typename T>
+void RunBackward(const ConvShape& s, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                 ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer grad_y,
+                 float* gx, float* goffset, float* gmask, float* gweight,
+                 const ParallelFor& parallel) {
+  BackwardCpu<T>(s, DataOrNull<T>(x), DataOrNull<T>(offset), DataOrNull<T>(mask),
+                 DataOrNull<T>(weight), DataOrNull<T>(grad_y), gx, goffset, gmask,
+                 gweight, parallel);
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                       ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t stride_h, int64_t stride_w,
+                       int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w) {
+  ConvShape s;
+  ffi::Error err = MakeConvShape(x, offset, mask, weight,
+                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  if (err.failure()) return err;
+  if (s.n * s.ho * s.wo == 0) return ffi::Error::Success();
+  const ParallelFor parallel = PoolParallelFor(pool);
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      RunForward<float>(s, x, offset, mask, weight, bias, y, parallel);
+      break;
+    case ffi::DataType::BF16:
+      RunForward<BFloat16>(s, x, offset, mask, weight, bias, y, parallel);
+      break;
+    case ffi::DataType::F16:
+      RunForward<Float16>(s, x, offset, mask, weight, bias, y, parallel);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                        ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer grad_y,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_x,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_offset,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_mask,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_weight, int64_t stride_h,
+                        int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                        int64_t dil_w, bool /*deterministic: the CPU path always is*/) {
+  ConvShape s;
+  ffi::Error err = MakeConvShape(x, offset, mask, weight,
+                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  if (err.failure()) return err;
+  float* gx = grad_x->typed_data();
+  float* goffset = grad_offset->typed_data();
+  float* gmask = s.has_mask ? grad_mask->typed_data() : nullptr;
+  float* gweight = grad_weight->typed_data();
+  if (s.n * s.ho * s.wo == 0) {
+    std::fill(gx, gx + grad_x->element_count(), 0.f);
+    std::fill(gweight, gweight + grad_weight->element_count(), 0.f);
+    return ffi::Error::Success();
+  }
+  const ParallelFor parallel = PoolParallelFor(pool);
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      RunBackward<float>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask, gweight,
+                         parallel);
+      break;
+    case ffi::DataType::BF16:
+      RunBackward<BFloat16>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask,
+                            gweight, parallel);
+      break;
+    case ffi::DataType::F16:
+      RunBackward<Float16>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask,
+                           gweight, parallel);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_deform
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCpu, jax_deform::ForwardImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // offset
+                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
+                                  .Arg<xla::ffi::AnyBuffer>()  // weight
+                                  .Arg<xla::ffi::AnyBuffer>()  // bias, empty if none
+                                  .Ret<xla::ffi::AnyBuffer>()  // y
+                                  .JAX_DEFORM_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCpu, jax_deform::BackwardImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // offset
+                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
+                                  .Arg<xla::ffi::AnyBuffer>()  // weight
+                                  .Arg<xla::ffi::AnyBuffer>()  // grad_y
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_x
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_offset
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_mask
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_weight
+                                  .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"));

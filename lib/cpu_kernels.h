@@ -1,0 +1,35 @@
+// CPU kernels of depthwise deformable convolution (NHWC), free of XLA and
+// Python so they can be tested and reused on their own.
+#ifndef JAX_DEFORM_CPU_KERNELS_H_
+#define JAX_DEFORM_CPU_KERNELS_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "deform_math.h"
+
+namespace jax_deform {
+
+// Runs body(i) for every i in [0, count), possibly on several threads. The
+// kernels only ever split work so that each task writes its own outputs, so
+// the result never depends on how tasks are scheduled.
+using ParallelFor =
+    std::function<void(int64_t count, const std::function<void(int64_t)>& body)>;
+
+// y[n, oy, ox, c*M + j] = bias + sum_k mask * sample(x[n, :, :, c]) * weight[k, c*M + j].
+// mask and bias may be null. weight is (kh, kw, 1, C*M).
+template <typename T>
+void ForwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
+                const T* weight, const T* bias, T* y, const ParallelFor& parallel);
+
+// Gradients for x (N,H,W,C), offset, mask (if s.has_mask) and weight
+// (kh*kw, C*M), all float32; grad_bias is a plain reduction left to XLA.
+template <typename T>
+void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
+                 const T* weight, const T* grad_y, float* grad_x,
+                 float* grad_offset, float* grad_mask, float* grad_weight,
+                 const ParallelFor& parallel);
+
+}  // namespace jax_deform
+
+#endif  // JAX_DEFORM_CPU_KERNELS_H_

@@ -1,0 +1,68 @@
+// Reads the convolution geometry off the FFI buffers and attributes, shared
+// by the CPU and CUDA handlers. Python validates everything first; these
+// checks only guard the kernels against a malformed custom call.
+#ifndef JAX_DEFORM_FFI_SHAPES_H_
+#define JAX_DEFORM_FFI_SHAPES_H_
+
+#include <cstdint>
+#include <string>
+
+#include "deform_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_deform {
+
+namespace ffi = xla::ffi;
+
+struct ConvAttrs {
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+};
+
+inline ffi::Error MakeConvShape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
+                                const ffi::AnyBuffer& mask, const ffi::AnyBuffer& weight,
+                                const ConvAttrs& a, ConvShape* s) {
+  const auto xd = x.dimensions(), od = offset.dimensions(), wd = weight.dimensions();
+  if (xd.size() != 4 || od.size() != 4 || wd.size() != 4) {
+    return ffi::Error::InvalidArgument("deform_conv2d: x, offset and weight must be rank 4");
+  }
+  s->n = xd[0];
+  s->h = xd[1];
+  s->w = xd[2];
+  s->c = xd[3];
+  s->ho = od[1];
+  s->wo = od[2];
+  s->kh = wd[0];
+  s->kw = wd[1];
+  s->stride_h = a.stride_h;
+  s->stride_w = a.stride_w;
+  s->pad_h = a.pad_h;
+  s->pad_w = a.pad_w;
+  s->dil_h = a.dil_h;
+  s->dil_w = a.dil_w;
+  const int64_t taps = s->kh * s->kw;
+  if (s->c <= 0 || taps <= 0 || od[3] % (2 * taps) != 0 || wd[3] % s->c != 0) {
+    return ffi::Error::InvalidArgument("deform_conv2d: inconsistent channel counts");
+  }
+  s->groups = od[3] / (2 * taps);
+  s->multiplier = wd[3] / s->c;
+  s->has_mask = mask.element_count() > 0;
+  if (s->groups <= 0 || s->c % s->groups != 0 || od[0] != s->n ||
+      (s->has_mask && static_cast<int64_t>(mask.element_count()) !=
+                          s->n * s->ho * s->wo * s->mask_channels())) {
+    return ffi::Error::InvalidArgument("deform_conv2d: offset/mask shapes do not match x");
+  }
+  if (offset.element_type() != x.element_type() || weight.element_type() != x.element_type() ||
+      (s->has_mask && mask.element_type() != x.element_type())) {
+    return ffi::Error::InvalidArgument("deform_conv2d: all operands must share one dtype");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace jax_deform
+
+// The attributes every handler takes, in one place.
+#define JAX_DEFORM_CONV_ATTRS                                                  \
+  Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h")   \
+      .Attr<int64_t>("pad_w").Attr<int64_t>("dil_h").Attr<int64_t>("dil_w")
+
+#endif  // JAX_DEFORM_FFI_SHAPES_H_
