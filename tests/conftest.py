@@ -1,0 +1,42 @@
+"""Test-session setup. XLA reads its flags once, when jax first initializes a
+backend, so they are set here before anything imports jax."""
+
+import os
+
+_FLAGS = "--xla_force_host_platform_device_count=8"
+if _FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# float64 references need x64; kernel inputs are always created with explicit dtypes.
+jax.config.update("jax_enable_x64", True)
+
+
+def _has_gpu() -> bool:
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+HAS_GPU = _has_gpu()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random data every run; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("JAX_DEFORM_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"seed={seed} (JAX_DEFORM_TEST_SEED={seed} replays it)")
+    return np.random.default_rng(seed)
