@@ -1,0 +1,342 @@
+"""Flax NNX layer: depthwise deformable convolution that predicts its own offsets.
+
+Needs the optional ``flax`` extra; ``import jax_deform`` alone never imports flax::
+
+    from jax_deform import nnx as dnnx
+    layer = dnnx.DeformConv(32, (3, 3), modulated=True, rngs=nnx.Rngs(0))
+    y = layer(x)                      # x: (N, H, W, 32) -> y: (N, H, W, 32)
+
+At initialization the layer computes exactly a plain depthwise convolution with
+the same kernel: the offset predictor's kernel and bias start at zero, so the
+offsets are zero, and the modulation mask is ``2 * sigmoid(logits)``, which is
+exactly 1 at zero logits (a plain ``sigmoid`` would start at 0.5 and halve the
+output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_deform.api import deform_conv2d
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+PaddingLike = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+
+__all__ = ["DeformConv", "from_depthwise_conv"]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def _pair(name: str, value: int | Sequence[int] | None) -> tuple[int, int]:
+    if value is None:  # flax's historical sentinel for 1
+        return (1, 1)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def normalize_padding(padding: PaddingLike):
+    """``"SAME"``/``"VALID"`` or ``((top, bottom), (left, right))``.
+
+    Follows flax's conventions: an int pads every side, ``(ph, pw)`` pads both
+    sides of each axis. Padding modes other than zeros (``"CIRCULAR"``,
+    ``"REFLECT"``, ``"CAUSAL"``) have no deformable counterpart and are rejected.
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(
+                f"padding {padding!r} is not supported: a deformable conv samples with zero "
+                "padding; use 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right))"
+            )
+        return mode
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        return ((padding, padding), (padding, padding))
+    try:
+        parts = tuple(padding)
+    except TypeError:
+        parts = ()
+    if len(parts) == 2:
+        pads = []
+        for p in parts:
+            if isinstance(p, int) and not isinstance(p, bool):
+                pads.append((p, p))
+            elif isinstance(p, Sequence) and len(p) == 2 and all(isinstance(q, int) for q in p):
+                pads.append((int(p[0]), int(p[1])))
+            else:
+                break
+        else:
+            if min(min(p) for p in pads) < 0:
+                raise ValueError(f"padding must be >= 0, got {padding!r}")
+            return tuple(pads)
+    raise ValueError(
+        "padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), "
+        f"got {padding!r}"
+    )
+
+
+def check_common(kernel_size, depth_multiplier: int, offset_groups: int, channels: int | None):
+    """Shared argument checks of the NNX and Linen layers; returns (kh, kw)."""
+    ks = _pair("kernel_size", kernel_size)
+    if min(ks) < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size!r}")
+    if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
+        raise ValueError(f"depth_multiplier must be an int >= 1, got {depth_multiplier!r}")
+    if not isinstance(offset_groups, int) or offset_groups < 1:
+        raise ValueError(f"offset_groups must be an int >= 1, got {offset_groups!r}")
+    if channels is not None and channels % offset_groups:
+        raise ValueError(
+            f"offset_groups={offset_groups} must divide the number of input channels ({channels})"
+        )
+    return ks
+
+
+def split_prediction(pred: Array, offset_groups: int, taps: int, modulated: bool):
+    """Splits the offset predictor's output into (offset, mask).
+
+    Channels ``[0, 2*G*K)`` are offsets in the op's ``[g][k][(dy, dx)]`` order;
+    with ``modulated`` the next ``G*K`` are mask logits, mapped through
+    ``2 * sigmoid`` so that zero logits give a mask of exactly 1.
+    """
+    n_off = 2 * offset_groups * taps
+    offset = pred[..., :n_off]
+    mask = 2.0 * jax.nn.sigmoid(pred[..., n_off:]) if modulated else None
+    return offset, mask
+
+
+class DeformConv(nnx.Module):
+    """Depthwise deformable convolution (DCNv1, or DCNv2 with ``modulated=True``).
+
+    Parameters:
+      ``kernel``: ``(kh, kw, 1, C*M)``, the same layout as a depthwise
+        ``nnx.Conv(C, C*M, kernel_size, feature_group_count=C)``;
+      ``bias``: ``(C*M,)`` when ``use_bias``;
+      ``offset_conv``: an ``nnx.Conv(C, P, kernel_size)`` with the same strides,
+        padding and dilation, ``P = 2*G*kh*kw`` (``3*G*kh*kw`` if modulated),
+        kernel and bias initialized to zero. Only present when ``predict_offsets``.
+
+    With ``predict_offsets=False`` the layer holds no offset predictor and the
+    caller passes ``offset`` (and optionally ``mask``, used as is) to
+    ``__call__``, like ``torchvision.ops.DeformConv2d``.
+
+    Args:
+      in_features: input channels C.
+      kernel_size: ``(kh, kw)``; an int means a square kernel.
+      depth_multiplier: M, output channels per input channel (output has C*M).
+      strides, kernel_dilation: int or ``(h, w)``.
+      padding: ``"SAME"`` (default, as nnx.Conv), ``"VALID"``, int, ``(ph, pw)``
+        or ``((top, bottom), (left, right))``; zero padding only.
+      offset_groups: G, channel groups that share one offset field; divides C.
+      modulated: also predict a mask ``2*sigmoid(logits)`` in ``(0, 2)`` (DCNv2).
+      predict_offsets: create the offset predictor (default) or take offsets
+        from the caller.
+      use_bias: add ``bias``.
+      dtype: computation dtype (default: inferred from input and params).
+        The offsets and mask are computed in it as well.
+      param_dtype: dtype of all parameters.
+      precision: passed to the offset predictor's ``lax.conv_general_dilated``
+        (the deformable op itself accumulates in float32).
+      kernel_init, bias_init: initializers of ``kernel`` and ``bias``.
+      offset_kernel_init, offset_bias_init: initializers of the predictor
+        (default zeros: the layer starts as a plain depthwise conv). Wrap any
+        initializer with ``nnx.with_partitioning(init, axes)`` to annotate the
+        parameter for sharding, as for nnx.Conv.
+      implementation, deterministic: passed to `jax_deform.deform_conv2d`
+        (``deterministic`` is about bitwise-reproducible gradients, not dropout).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        depth_multiplier: int = 1,
+        strides: int | Sequence[int] = 1,
+        padding: PaddingLike = "SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        offset_groups: int = 1,
+        modulated: bool = False,
+        predict_offsets: bool = True,
+        use_bias: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = nnx.initializers.zeros_init(),
+        offset_kernel_init: Initializer = nnx.initializers.zeros_init(),
+        offset_bias_init: Initializer = nnx.initializers.zeros_init(),
+        implementation: str | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
+        kh, kw = check_common(kernel_size, depth_multiplier, offset_groups, in_features)
+        self.in_features = in_features
+        self.out_features = in_features * depth_multiplier
+        self.kernel_size = (kh, kw)
+        self.depth_multiplier = depth_multiplier
+        self.strides = _pair("strides", strides)
+        self.padding = normalize_padding(padding)
+        self.kernel_dilation = _pair("kernel_dilation", kernel_dilation)
+        self.offset_groups = offset_groups
+        self.modulated = modulated
+        self.predict_offsets = predict_offsets
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.implementation = implementation
+        self.deterministic = deterministic
+
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (kh, kw, 1, self.out_features), param_dtype)
+        )
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
+        else:
+            self.bias = nnx.data(None) if hasattr(nnx, "data") else None
+        if predict_offsets:
+            taps = kh * kw
+            self.offset_conv = nnx.Conv(
+                in_features,
+                (3 if modulated else 2) * offset_groups * taps,
+                (kh, kw),
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.kernel_dilation,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=offset_kernel_init,
+                bias_init=offset_bias_init,
+                rngs=rngs,
+            )
+        else:
+            self.offset_conv = None
+
+    def __call__(
+        self, x: Array, offset: Array | None = None, mask: Array | None = None
+    ) -> Array:
+        """Applies the layer.
+
+        Args:
+          x: ``(N, H, W, C)``.
+          offset: only with ``predict_offsets=False`` (then required):
+            ``(N, Ho, Wo, 2*G*kh*kw)`` in the op's ``[g][k][(dy, dx)]`` order.
+          mask: only with ``predict_offsets=False``: ``(N, Ho, Wo, G*kh*kw)``,
+            used as is (no sigmoid).
+
+        Returns:
+          ``(N, Ho, Wo, C*M)`` in the computation dtype.
+        """
+        if x.ndim != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected x of shape (N, H, W, {self.in_features}), got {tuple(x.shape)}"
+            )
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        if self.predict_offsets:
+            if offset is not None or mask is not None:
+                raise ValueError(
+                    "this DeformConv predicts its own offsets; build it with "
+                    "predict_offsets=False to pass offset/mask"
+                )
+            offset, mask = split_prediction(
+                self.offset_conv(x), self.offset_groups, self.kernel_size[0] * self.kernel_size[1],
+                self.modulated,
+            )
+        elif offset is None:
+            raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
+        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+        return deform_conv2d(
+            cast(x),
+            cast(offset),
+            cast(kernel),
+            cast(mask),
+            cast(bias),
+            stride=self.strides,
+            padding=self.padding,
+            dilation=self.kernel_dilation,
+            implementation=self.implementation,
+            deterministic=self.deterministic,
+        )
+
+
+def _depthwise_geometry(conv: nnx.Conv) -> tuple[int, int]:
+    """(C, M) of a depthwise 2D nnx.Conv, or a ValueError saying why it is not one."""
+    kernel_size = tuple(conv.kernel_size)
+    c, groups = conv.in_features, conv.feature_group_count
+    if len(kernel_size) != 2:
+        raise ValueError(f"only 2D convolutions can be converted, got kernel_size {kernel_size}")
+    if groups != c or conv.out_features % c:
+        raise ValueError(
+            "the conv is not depthwise: need feature_group_count == in_features and "
+            f"out_features a multiple of it, got in_features={c}, "
+            f"feature_group_count={groups}, out_features={conv.out_features}"
+        )
+    if _pair("input_dilation", conv.input_dilation) != (1, 1):
+        raise ValueError("convs with input_dilation (transposed convs) cannot be converted")
+    if getattr(conv, "mask", None) is not None:
+        raise ValueError("convs with a kernel mask cannot be converted")
+    return c, conv.out_features // c
+
+
+def from_depthwise_conv(
+    conv: nnx.Conv,
+    *,
+    offset_groups: int = 1,
+    modulated: bool = False,
+    rngs: nnx.Rngs | None = None,
+    **kwargs: Any,
+) -> DeformConv:
+    """A `DeformConv` that computes exactly what a trained depthwise ``conv`` does.
+
+    The kernel and bias are copied (as new arrays), strides, padding, dilation,
+    dtype, param_dtype and precision taken over, and the offset predictor starts
+    at zero, so the result equals ``conv(x)`` until it is trained.
+
+    Args:
+      conv: a depthwise 2D ``nnx.Conv`` (``feature_group_count == in_features``).
+      offset_groups, modulated: as for `DeformConv`.
+      rngs: only used for initializers that draw random numbers (default ``Rngs(0)``).
+      **kwargs: other `DeformConv` arguments (e.g. ``offset_kernel_init``).
+
+    Raises:
+      ValueError: if ``conv`` is not a depthwise 2D convolution with zero padding.
+    """
+    if not isinstance(conv, nnx.Conv):
+        raise ValueError(f"expected an nnx.Conv, got {type(conv).__name__}")
+    c, m = _depthwise_geometry(conv)
+    layer = DeformConv(
+        c,
+        tuple(conv.kernel_size),
+        depth_multiplier=m,
+        strides=_pair("strides", conv.strides),
+        padding=conv.padding,
+        kernel_dilation=_pair("kernel_dilation", conv.kernel_dilation),
+        offset_groups=offset_groups,
+        modulated=modulated,
+        use_bias=conv.bias is not None,
+        dtype=conv.dtype,
+        param_dtype=conv.param_dtype,
+        precision=conv.precision,
+        rngs=rngs if rngs is not None else nnx.Rngs(0),
+        **kwargs,
+    )
+    layer.kernel[...] = jnp.array(conv.kernel[...], dtype=layer.kernel[...].dtype)
+    if conv.bias is not None:
+        layer.bias[...] = jnp.array(conv.bias[...], dtype=layer.bias[...].dtype)
+    return layer
