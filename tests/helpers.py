@@ -1,0 +1,119 @@
+"""Shared test helpers: random problems, poisoned calls, error measures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import numpy_reference
+
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+def device_of(kind: str):
+    return jax.devices(kind)[0]
+
+
+@dataclasses.dataclass
+class Problem:
+    x: np.ndarray
+    offset: np.ndarray
+    weight: np.ndarray
+    mask: np.ndarray | None
+    bias: np.ndarray | None
+    stride: tuple
+    pad: tuple  # (top, left) for the oracle
+    padding: object  # what the API is given
+    dilation: tuple
+
+    def args(self, dtype=np.float32, device=None):
+        def put(a):
+            if a is None:
+                return None
+            return jax.device_put(jnp.asarray(a, dtype), device)
+
+        return put(self.x), put(self.offset), put(self.weight), put(self.mask), put(self.bias)
+
+    def kwargs(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+    def expected(self):
+        return numpy_reference.deform_conv2d(
+            self.x, self.offset, self.weight, self.mask, self.bias,
+            stride=self.stride, pad=self.pad, dilation=self.dilation,
+        )
+
+
+def offsets_of(rng, shape, kind: str):
+    if kind == "random":  # std 2 px, one in ten far outside the image
+        off = 2.0 * rng.standard_normal(shape)
+        far = rng.random(shape) < 0.1
+        return np.where(far, rng.choice([-1, 1], shape) * rng.uniform(20, 60, shape), off)
+    if kind == "integer":
+        return rng.integers(-3, 4, shape).astype(np.float64)
+    if kind == "half":
+        return rng.integers(-6, 7, shape) / 2.0
+    raise ValueError(kind)
+
+
+def make_problem(rng, *, n=2, h=7, w=9, c=4, kernel=(3, 3), stride=1, padding=1,
+                 dilation=1, groups=1, multiplier=1, with_mask=True, with_bias=True,
+                 offsets="random") -> Problem:
+    kh, kw = kernel
+    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    pad, (ho, wo) = geometry((h, w), kernel, stride, padding, dilation)
+    x = rng.standard_normal((n, h, w, c))
+    weight = rng.standard_normal((kh, kw, 1, c * multiplier))
+    off = offsets_of(rng, (n, ho, wo, 2 * groups * kh * kw), offsets)
+    mask = rng.uniform(0.0, 1.0, (n, ho, wo, groups * kh * kw)) if with_mask else None
+    bias = rng.standard_normal(c * multiplier) if with_bias else None
+    return Problem(x, off, weight, mask, bias, stride, pad, padding, dilation)
+
+
+def geometry(in_hw, kernel, stride, padding, dilation):
+    """((pad_top, pad_left), (Ho, Wo)) by the usual convolution arithmetic."""
+    if padding == "VALID":
+        pads = [(0, 0), (0, 0)]
+    elif padding == "SAME":
+        pads = []
+        for size, k, s, d in zip(in_hw, kernel, stride, dilation):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+    elif isinstance(padding, int):
+        pads = [(padding, padding)] * 2
+    elif isinstance(padding[0], int):
+        pads = [(padding[0], padding[0]), (padding[1], padding[1])]
+    else:
+        pads = [tuple(p) for p in padding]
+    out = tuple(
+        (size + lo + hi - d * (k - 1) - 1) // s + 1
+        for size, (lo, hi), k, s, d in zip(in_hw, pads, kernel, stride, dilation)
+    )
+    return (pads[0][0], pads[1][0]), out
+
+
+def rel_err(got, want) -> float:
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert not np.isnan(got).any(), "NaN in result (unwritten or poisoned element?)"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def poisoned(fn, out_shapes, *args):
+    """Runs fn(*args) under jit with its outputs placed in donated buffers that
+    are filled with NaN first, so an element the kernel forgets to write shows
+    up as NaN. Checks that XLA really aliased every output to a poisoned buffer."""
+    poison = [jnp.full(s, jnp.nan, d) for s, d in out_shapes]
+    jitted = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)
+    compiled = jitted.lower(poison, *args).compile()
+    text = compiled.as_text()
+    assert text.count("may-alias") + text.count("must-alias") >= len(out_shapes), (
+        "outputs were not aliased to the poisoned buffers"
+    )
+    return compiled(poison, *args)

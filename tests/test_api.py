@@ -1,0 +1,318 @@
+"""deform_conv2d on the compiled kernels against an independent float64 oracle,
+on fresh random data each run. Every test runs on the CPU and, with the gpu
+marker, on a CUDA device."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_deform
+from jax_deform import reference
+from tests.helpers import DEVICES, device_of, make_problem, poisoned, rel_err
+
+pytestmark = pytest.mark.skipif(
+    not jax_deform.kernel_platforms(), reason="jax_deform extension not built"
+)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return device_of(request.param)
+
+
+def ffi_conv(x, offset, weight, mask, bias, **kw):
+    return jax_deform.deform_conv2d(x, offset, weight, mask, bias, implementation="ffi", **kw)
+
+
+def run_forward(p, device, dtype=np.float32):
+    x, offset, weight, mask, bias = p.args(dtype, device)
+    shape = p.expected().shape
+    return poisoned(
+        lambda *a: ffi_conv(*a, **p.kwargs()), [(shape, dtype)], x, offset, weight, mask, bias
+    )
+
+
+# Each row: geometry overrides for make_problem. Together they cover every
+# parameter: kernel 1x1/3x3/5x5/3x5, stride, dilation, asymmetric and named
+# padding, G in {1, 2, C}, M in {1, 2}, mask and bias on/off.
+CASES = [
+    dict(),
+    dict(kernel=(1, 1), padding=0),
+    dict(kernel=(5, 5), padding=2, c=6, groups=2),
+    dict(kernel=(3, 5), padding=((1, 2), (0, 3)), multiplier=2),
+    dict(stride=2, padding="SAME", groups=4),
+    dict(stride=(2, 1), dilation=(1, 2), padding="VALID", h=9, w=11),
+    dict(dilation=2, padding=2, with_mask=False, with_bias=False),
+    dict(c=8, groups=8, multiplier=2, with_bias=False),
+    dict(c=12, groups=3, stride=3, padding=1, h=10, w=8),
+    dict(n=1, h=1, w=1, kernel=(1, 1), padding=0, c=3, groups=3),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("offsets", ["random", "integer", "half"])
+def test_forward_matches_float64_oracle(rng, device, case, offsets):
+    p = make_problem(rng, offsets=offsets, **case)
+    assert rel_err(run_forward(p, device), p.expected()) < 1e-5
+
+
+def test_reference_matches_float64_oracle(rng):
+    for case in CASES:
+        p = make_problem(rng, **case)
+        args = [None if a is None else jnp.asarray(a, jnp.float64)
+                for a in (p.x, p.offset, p.weight, p.mask, p.bias)]
+        got = reference.deform_conv2d(*args, **p.kwargs())
+        assert rel_err(got, p.expected()) < 1e-12
+
+
+def test_nchw_matches_nhwc(rng, device):
+    p = make_problem(rng, c=6, groups=2, multiplier=2)
+    x, offset, weight, mask, bias = p.args(np.float32, device)
+    to_nchw = lambda a: jnp.transpose(a, (0, 3, 1, 2))  # noqa: E731
+    y = ffi_conv(to_nchw(x), to_nchw(offset), weight, to_nchw(mask), bias,
+                 data_format="NCHW", **p.kwargs())
+    assert y.shape == (p.x.shape[0], 12) + p.expected().shape[1:3]
+    assert rel_err(jnp.transpose(y, (0, 2, 3, 1)), p.expected()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 3e-3)])
+def test_half_precision(rng, device, dtype, tol):
+    p = make_problem(rng, c=8, groups=2)
+    # The oracle sees the same rounded inputs, so only the kernel's arithmetic counts.
+    rounded = [None if a is None else np.asarray(jnp.asarray(a, dtype), np.float64)
+               for a in (p.x, p.offset, p.weight, p.mask, p.bias)]
+    p.x, p.offset, p.weight, p.mask, p.bias = rounded
+    y = run_forward(p, device, dtype)
+    assert y.dtype == dtype
+    assert rel_err(y, p.expected()) < tol
+
+
+def test_lowers_to_the_custom_call(rng):
+    p = make_problem(rng)
+    args = p.args()
+    f = jax.jit(lambda *a: ffi_conv(*a, **p.kwargs()))
+    text = f.lower(*args).as_text()
+    assert "jax_deform_forward" in text
+    grad_text = jax.jit(jax.grad(lambda *a: ffi_conv(*a, **p.kwargs()).sum())).lower(*args).as_text()
+    assert "jax_deform_backward" in grad_text
+
+
+def test_auto_uses_kernel_and_xla_does_not(rng):
+    p = make_problem(rng)
+    args = p.args()
+    auto = jax.jit(lambda *a: jax_deform.deform_conv2d(*a, **p.kwargs())).lower(*args).as_text()
+    xla = jax.jit(
+        lambda *a: jax_deform.deform_conv2d(*a, implementation="xla", **p.kwargs())
+    ).lower(*args).as_text()
+    assert "jax_deform_forward" in auto
+    assert "jax_deform_forward" not in xla
+    np.testing.assert_allclose(
+        jax.jit(lambda *a: jax_deform.deform_conv2d(*a, **p.kwargs()))(*args),
+        jax_deform.deform_conv2d(*args, implementation="xla", **p.kwargs()),
+        rtol=1e-4, atol=1e-4,
+    )
+
+
+def test_empty_batch(device):
+    x = jax.device_put(jnp.zeros((0, 5, 5, 4), jnp.float32), device)
+    offset = jnp.zeros((0, 5, 5, 18), jnp.float32)
+    weight = jnp.ones((3, 3, 1, 8), jnp.float32)
+    y = ffi_conv(x, offset, weight, None, None, padding=1)
+    assert y.shape == (0, 5, 5, 8)
+    g = jax.grad(lambda w: ffi_conv(x, offset, w, None, None, padding=1).sum())(weight)
+    np.testing.assert_array_equal(g, 0)
+
+
+# ------------------------------------------------------------------ gradients
+
+GRAD_CASES = [
+    dict(),
+    dict(kernel=(3, 5), stride=2, padding=((1, 2), (0, 3)), c=6, groups=2, multiplier=2),
+    dict(c=4, groups=4, dilation=2, padding=2, with_mask=False),
+    dict(kernel=(1, 1), padding=0, with_bias=False),
+]
+
+
+def _loss(conv, p, cotangent):
+    def f(x, offset, weight, mask, bias):
+        return jnp.sum(conv(x, offset, weight, mask, bias, **p.kwargs()) * cotangent)
+
+    return f
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
+def test_gradients_match_reference_autodiff(rng, device, case):
+    p = make_problem(rng, **case)
+    cotangent = rng.standard_normal(p.expected().shape)
+    args32 = p.args(np.float32, device)
+    args64 = [None if a is None else jnp.asarray(a, jnp.float64)
+              for a in (p.x, p.offset, p.weight, p.mask, p.bias)]
+    argnums = tuple(i for i, a in enumerate(args32) if a is not None)
+    want = jax.grad(_loss(reference.deform_conv2d, p, cotangent), argnums)(*args64)
+    cot32 = jax.device_put(jnp.asarray(cotangent, jnp.float32), device)
+    got = jax.jit(jax.grad(_loss(ffi_conv, p, cot32), argnums))(*args32)
+    for name, g, w in zip(["x", "offset", "weight", "mask", "bias"], got, want):
+        assert g.dtype == jnp.float32
+        assert rel_err(g, w) < 1e-5, name
+
+
+def test_backward_writes_every_output(rng, device):
+    p = make_problem(rng, c=6, groups=3, multiplier=2)
+    args = p.args(np.float32, device)
+    cot = jax.device_put(jnp.asarray(rng.standard_normal(p.expected().shape), jnp.float32), device)
+    grads = poisoned(
+        lambda *a: jax.grad(_loss(ffi_conv, p, cot), (0, 1, 2, 3, 4))(*a),
+        [(a.shape, jnp.float32) for a in args], *args,
+    )
+    for g in grads:
+        assert not np.isnan(np.asarray(g)).any()
+
+
+def test_check_grads_finite_differences(rng):
+    # Offsets are kept off the integer lattice: bilinear sampling has kinks there.
+    p = make_problem(rng, n=1, h=5, w=5, c=2, groups=2)
+    p.offset = np.floor(p.offset) + rng.uniform(0.2, 0.8, p.offset.shape)
+    p.offset = np.clip(p.offset, -3.5, 3.5)
+    x, offset, weight, mask, bias = p.args(np.float32)
+
+    def f(x, offset, weight, mask, bias):
+        return ffi_conv(x, offset, weight, mask, bias, **p.kwargs())
+
+    check_grads(f, (x, offset, weight, mask, bias), order=1, modes=["rev"],
+                atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+# ------------------------------------------------------------------ transforms
+
+def test_jit_matches_eager(rng, device):
+    p = make_problem(rng)
+    args = p.args(np.float32, device)
+    eager = ffi_conv(*args, **p.kwargs())
+    jitted = jax.jit(lambda *a: ffi_conv(*a, **p.kwargs()))(*args)
+    np.testing.assert_array_equal(eager, jitted)
+
+
+VMAP_AXES = [
+    (0, 0, None, 0, None),        # the usual: data batched, parameters shared
+    (1, None, None, None, None),  # only x, along a non-leading axis
+    (None, 2, None, None, None),  # only offset
+    (0, 0, 0, 0, 0),              # everything, per-example weights and bias
+    (None, None, 3, None, None),  # only weight, along its last axis
+    (None, None, None, None, 0),  # only bias
+    (0, None, None, 1, None),     # x and mask
+]
+
+
+@pytest.mark.parametrize("in_axes", VMAP_AXES, ids=[str(a) for a in VMAP_AXES])
+def test_vmap_matches_loop(rng, device, in_axes):
+    b = 3
+    problems = [make_problem(rng, c=4, groups=2, multiplier=2) for _ in range(b)]
+    stacked = []
+    for i, axis in enumerate(in_axes):
+        parts = [pr.args(np.float32, device)[i] for pr in problems]
+        stacked.append(parts[0] if axis is None else jnp.stack(parts, axis))
+    kw = problems[0].kwargs()
+    got = jax.vmap(lambda *a: ffi_conv(*a, **kw), in_axes=in_axes)(*stacked)
+    for j in range(b):
+        one = [a if axis is None else jnp.take(a, j, axis) for a, axis in zip(stacked, in_axes)]
+        want = reference.deform_conv2d(*[jnp.asarray(a, jnp.float64) for a in one], **kw)
+        assert rel_err(got[j], want) < 1e-5
+
+
+def test_grad_of_vmap_and_vmap_of_grad(rng, device):
+    b = 2
+    problems = [make_problem(rng, c=4, groups=2) for _ in range(b)]
+    xs = jnp.stack([pr.args(np.float32, device)[0] for pr in problems])
+    offs = jnp.stack([pr.args(np.float32, device)[1] for pr in problems])
+    _, _, weight, mask, bias = problems[0].args(np.float32, device)
+    kw = problems[0].kwargs()
+
+    def loss(conv, x, off, w):
+        return jnp.sum(jnp.sin(conv(x, off, w, mask, bias, **kw)))
+
+    ref64 = lambda *a: reference.deform_conv2d(*[None if v is None else jnp.asarray(v, jnp.float64) for v in a[:5]], **a[5])  # noqa: E731,E501
+
+    def ref_conv(x, off, w, m, bb, **k):
+        return ref64(x, off, w, m, bb, k)
+
+    # grad of vmap: one weight gradient summed over the batch
+    gv = jax.grad(lambda w: jnp.sum(jax.vmap(lambda x, o: loss(ffi_conv, x, o, w))(xs, offs)))(weight)
+    gv_ref = jax.grad(lambda w: jnp.sum(jax.vmap(lambda x, o: loss(ref_conv, x, o, w))(xs, offs)))(
+        jnp.asarray(weight, jnp.float64))
+    assert rel_err(gv, gv_ref) < 1e-5
+    # vmap of grad: per-example gradients for x, offset and weight
+    per_ex = jax.vmap(jax.grad(lambda x, o, w: loss(ffi_conv, x, o, w), (0, 1, 2)),
+                      in_axes=(0, 0, None))(xs, offs, weight)
+    for j in range(b):
+        want = jax.grad(lambda x, o, w: loss(ref_conv, x, o, w), (0, 1, 2))(
+            *[jnp.asarray(a, jnp.float64) for a in (xs[j], offs[j], weight)])
+        for g, w_ in zip(per_ex, want):
+            assert rel_err(g[j], w_) < 1e-5
+
+
+# ------------------------------------------------------------------ bad input
+
+def _good():
+    f32 = jnp.float32
+    return dict(
+        x=jnp.zeros((2, 6, 6, 4), f32), offset=jnp.zeros((2, 6, 6, 18), f32),
+        weight=jnp.zeros((3, 3, 1, 4), f32), mask=jnp.zeros((2, 6, 6, 9), f32),
+        bias=jnp.zeros((4,), f32),
+    )
+
+
+BAD = [
+    (dict(x=jnp.zeros((6, 6, 4))), ValueError, r"x must be rank 4 \(N, H, W, C\), got shape \(6, 6, 4\)"),
+    (dict(offset=jnp.zeros((2, 6, 6, 17))), ValueError, r"offset has shape \(2, 6, 6, 17\).*multiple of 18"),
+    (dict(offset=jnp.zeros((2, 5, 6, 18))), ValueError, r"offset has shape \(2, 5, 6, 18\) but expected \(2, 6, 6, 18\)"),
+    (dict(offset=jnp.zeros((2, 6, 6, 54))), ValueError, r"G = 3 offset groups.*4 channels"),
+    (dict(mask=jnp.zeros((2, 6, 6, 18))), ValueError, r"mask has shape \(2, 6, 6, 18\) but expected \(2, 6, 6, 9\)"),
+    (dict(weight=jnp.zeros((3, 3, 4, 4))), ValueError, r"weight has shape \(3, 3, 4, 4\) but expected \(kh, kw, 1, C\*M\)"),
+    (dict(weight=jnp.zeros((3, 3, 1, 6))), ValueError, r"weight has shape \(3, 3, 1, 6\)"),
+    (dict(bias=jnp.zeros((5,))), ValueError, r"bias has shape \(5,\) but expected \(4,\)"),
+    (dict(x=jnp.zeros((2, 6, 6, 4), jnp.int32)), TypeError, r"x must have a floating dtype.*got int32"),
+    (dict(offset=jnp.zeros((2, 6, 6, 18), jnp.float16)), TypeError, r"offset has dtype float16 but x has dtype float32"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", BAD, ids=[m[:30] for _, _, m in BAD])
+def test_bad_arrays_are_named(change, error, message):
+    a = _good()
+    a.update(change)
+    with pytest.raises(error, match=message):
+        jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], a["mask"], a["bias"], padding=1)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(stride=0), ValueError, r"stride must be >= 1, got 0"),
+    (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1, got \(1, 0\)"),
+    (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+    (dict(padding="FULL"), ValueError, r"padding must be 'SAME', 'VALID'"),
+    (dict(stride=1.5), TypeError, r"stride must be an int or a pair of ints, got 1.5"),
+    (dict(data_format="NCWH"), ValueError, r"data_format must be 'NHWC' or 'NCHW'"),
+    (dict(implementation="cuda"), ValueError, r"implementation must be one of"),
+])
+def test_bad_options_are_named(kwargs, error, message):
+    a = _good()
+    kwargs.setdefault("padding", 1)
+    with pytest.raises(error, match=message):
+        jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], a["mask"], a["bias"], **kwargs)
+
+
+def test_empty_output_is_an_error():
+    with pytest.raises(ValueError, match=r"output would be empty.*gives an output of \(-1, -1\)"):
+        jax_deform.deform_conv2d(jnp.zeros((1, 2, 2, 4), jnp.float32),
+                                 jnp.zeros((1, 1, 1, 50), jnp.float32),
+                                 jnp.zeros((5, 5, 1, 4), jnp.float32))
+
+
+def test_float64_needs_the_xla_path():
+    a = {k: v.astype(jnp.float64) for k, v in _good().items()}
+    with pytest.raises(TypeError, match="implementation='ffi' supports dtypes"):
+        jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], implementation="ffi", padding=1)
+    y = jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], padding=1)
+    assert y.dtype == jnp.float64
