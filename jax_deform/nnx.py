@@ -226,6 +226,21 @@ class DeformConv(nnx.Module):
         else:
             self.offset_conv = None
 
+    def sampling_offsets(self, x: Array) -> tuple[Array, Array | None]:
+        """The offsets (and mask) the layer predicts for ``x``, e.g. for `jax_deform.viz`.
+
+        Args:
+          x: ``(N, H, W, C)``.
+
+        Returns:
+          ``offset`` ``(N, Ho, Wo, 2*G*kh*kw)`` and ``mask`` ``(N, Ho, Wo, G*kh*kw)``
+          (None unless ``modulated``).
+        """
+        if not self.predict_offsets:
+            raise ValueError("this DeformConv takes its offsets from the caller")
+        kh, kw = self.kernel_size
+        return split_prediction(self.offset_conv(x), self.offset_groups, kh * kw, self.modulated)
+
     def __call__(
         self, x: Array, offset: Array | None = None, mask: Array | None = None
     ) -> Array:
@@ -254,10 +269,7 @@ class DeformConv(nnx.Module):
                     "this DeformConv predicts its own offsets; build it with "
                     "predict_offsets=False to pass offset/mask"
                 )
-            offset, mask = split_prediction(
-                self.offset_conv(x), self.offset_groups, self.kernel_size[0] * self.kernel_size[1],
-                self.modulated,
-            )
+            offset, mask = self.sampling_offsets(x)
         elif offset is None:
             raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
         cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731

@@ -301,6 +301,7 @@ def plot_traced_points(
     path: str | os.PathLike | None = None,
     titles: Sequence[str] | None = None,
     reference_layers: Sequence[SamplingLayer] | None = None,
+    axes: Sequence[Any] | None = None,
 ):
     """One panel per output pixel of the last layer: all points that the stack
     of deformable layers samples for it (see `trace_sampling_points`), over the
@@ -314,11 +315,17 @@ def plot_traced_points(
       titles: optional per-panel titles.
       reference_layers: optional second stack (e.g. the same geometry with zero
         offsets, i.e. a plain conv) drawn underneath as small gray dots.
+      axes: draw into these Axes (one per pixel) instead of a new figure; then
+        nothing is saved and the Axes are returned.
 
     Returns:
-      ``path`` or the Figure.
+      ``path``, the Figure, or ``axes``.
     """
-    fig, axes = _new_axes(len(pixels))
+    fig = None
+    if axes is None:
+        fig, axes = _new_axes(len(pixels))
+    elif len(axes) != len(pixels):
+        raise ValueError(f"got {len(axes)} axes for {len(pixels)} pixels")
     for k, (ax, pixel, color) in enumerate(zip(axes, pixels, _colors(len(pixels)))):
         _show_image(ax, image)
         if reference_layers is not None:
@@ -335,4 +342,6 @@ def plot_traced_points(
         ax.scatter([cx], [cy], s=90, marker="*", color="lime", edgecolors="black",
                    linewidths=0.6, zorder=4)
         ax.set_title(titles[k] if titles else f"unit {tuple(pixel)}", fontsize=9)
+    if fig is None:
+        return axes
     return _finish(fig, path)
