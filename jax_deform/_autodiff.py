@@ -8,16 +8,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_deform import _batching, _sharding
 from jax_deform._params import ConvParams
 from jax_deform._primitives import backward_p, empty_like_absent, forward_p
+
+# The kernels as XLA sees them: split over a mesh by the rules in _sharding,
+# vmappable by the rules in _batching.
+_forward_call = _batching.vmappable_forward(_sharding.partitioned_forward(forward_p.bind))
+_backward_call = _batching.vmappable_backward(_sharding.partitioned_backward(backward_p.bind))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def deform_conv2d_ffi(x, offset, mask, weight, bias, params: ConvParams, deterministic: bool):
     """NHWC operands, already checked; mask and bias may be None."""
-    return forward_p.bind(
+    return _forward_call(
         x, offset, empty_like_absent(mask, x.dtype), weight,
-        empty_like_absent(bias, x.dtype), params=params,
+        empty_like_absent(bias, x.dtype), params,
     )
 
 
@@ -28,9 +34,9 @@ def _forward(x, offset, mask, weight, bias, params, deterministic):
 
 def _backward(params, deterministic, residuals, grad_y):
     x, offset, mask, weight, bias = residuals
-    grad_x, grad_offset, grad_mask, grad_weight = backward_p.bind(
+    grad_x, grad_offset, grad_mask, grad_weight = _backward_call(
         x, offset, empty_like_absent(mask, x.dtype), weight, grad_y.astype(x.dtype),
-        params=params, deterministic=deterministic,
+        params, deterministic,
     )
     grad_bias = None
     if bias is not None:

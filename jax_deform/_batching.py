@@ -6,11 +6,17 @@ kernels already loop over, so vmap costs one kernel launch, never a loop.
   grad_weight must stay per batch element): the batch axis joins the channels.
   Depthwise channels are independent, and giving each batch element its own
   offset groups (G' = B*G) keeps every channel reading its own offsets.
+
+The same folding serves the primitives and the partitioned calls that wrap
+them (custom_vmap), so a vmapped call stays one partitioned kernel call.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jax.interpreters import batching
 
 from jax_deform._primitives import backward_p, forward_p
@@ -47,44 +53,42 @@ def _optional(a, dim, fold, size):
     return a if a.size == 0 and dim is None else fold(a, dim, size)
 
 
-def _forward_batch(args, dims, *, params):
+def _forward_folded(call, args, dims, size):
+    """Runs call(x, offset, mask, weight, bias) once on the folded batch;
+    returns y and the axis of y that holds the batch."""
     x, offset, mask, weight, bias = args
     xd, od, md, wd, bd = dims
-    size = _batch_size(args, dims)
     if wd is None and bd is None:
-        y = forward_p.bind(
+        y = call(
             _fold_into_n(x, xd, size),
             _fold_into_n(offset, od, size),
             _optional(mask, md, _fold_into_n, size),
             weight,
             bias,
-            params=params,
         )
         return y.reshape((size, y.shape[0] // size) + y.shape[1:]), 0
-    y = forward_p.bind(
+    y = call(
         _fold_into_last(x, xd, size),
         _fold_into_last(offset, od, size),
         _optional(mask, md, _fold_into_last, size),
         _fold_into_last(weight, wd, size),
         _optional(bias, bd, _fold_into_last, size),
-        params=params,
     )
     return _unfold_last(y, size), 3
 
 
-def _backward_batch(args, dims, *, params, deterministic):
+def _backward_folded(call, args, dims, size):
+    """Runs call(x, offset, mask, weight, grad_y) -> 4 gradients once with the
+    batch folded into the channels; returns the gradients and their batch axes."""
     x, offset, mask, weight, grad_y = args
     xd, od, md, wd, gd = dims
-    size = _batch_size(args, dims)
     has_mask = mask.size > 0
-    grads = backward_p.bind(
+    grads = call(
         _fold_into_last(x, xd, size),
         _fold_into_last(offset, od, size),
         _optional(mask, md, _fold_into_last, size),
         _fold_into_last(weight, wd, size),
         _fold_into_last(grad_y, gd, size),
-        params=params,
-        deterministic=deterministic,
     )
     grad_x, grad_offset, grad_mask, grad_weight = grads
     out = [_unfold_last(grad_x, size), _unfold_last(grad_offset, size)]
@@ -98,5 +102,70 @@ def _backward_batch(args, dims, *, params, deterministic):
     return out, [3, 3, mask_dim, 3]
 
 
+def _forward_batch(args, dims, *, params):
+    call = functools.partial(_bind_forward, params=params)
+    return _forward_folded(call, args, dims, _batch_size(args, dims))
+
+
+def _bind_forward(*args, params):
+    return forward_p.bind(*args, params=params)
+
+
+def _backward_batch(args, dims, *, params, deterministic):
+    def call(*a):
+        return backward_p.bind(*a, params=params, deterministic=deterministic)
+
+    return _backward_folded(call, args, dims, _batch_size(args, dims))
+
+
 batching.primitive_batchers[forward_p] = _forward_batch
 batching.primitive_batchers[backward_p] = _backward_batch
+
+
+# The partitioned calls (see _sharding) are custom_partitioning functions,
+# which have no vmap rule of their own; custom_vmap gives them the same folding.
+
+
+def _batched_at_0(in_batched):
+    return [0 if b else None for b in in_batched]
+
+
+def vmappable_forward(forward):
+    """forward(x, offset, mask, weight, bias, params) made vmappable."""
+
+    def call(x, offset, mask, weight, bias, params):
+        @custom_vmap
+        def f(x, offset, mask, weight, bias):
+            return forward(x, offset, mask, weight, bias, params)
+
+        @f.def_vmap
+        def rule(axis_size, in_batched, *args):
+            folded = functools.partial(call, params=params)
+            y, dim = _forward_folded(folded, args, _batched_at_0(in_batched), axis_size)
+            return jnp.moveaxis(y, dim, 0), True
+
+        return f(x, offset, mask, weight, bias)
+
+    return call
+
+
+def vmappable_backward(backward):
+    """backward(x, offset, mask, weight, grad_y, params, deterministic) made vmappable."""
+
+    def call(x, offset, mask, weight, grad_y, params, deterministic):
+        @custom_vmap
+        def f(x, offset, mask, weight, grad_y):
+            return tuple(backward(x, offset, mask, weight, grad_y, params, deterministic))
+
+        @f.def_vmap
+        def rule(axis_size, in_batched, *args):
+            def folded(*a):
+                return call(*a, params=params, deterministic=deterministic)
+
+            grads, dims = _backward_folded(folded, args, _batched_at_0(in_batched), axis_size)
+            out = tuple(g if d is None else jnp.moveaxis(g, d, 0) for g, d in zip(grads, dims))
+            return out, tuple(d is not None for d in dims)
+
+        return f(x, offset, mask, weight, grad_y)
+
+    return call

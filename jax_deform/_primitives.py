@@ -68,9 +68,8 @@ forward_p.def_impl(_impl(forward_p))
 def _forward_abstract_eval(x, offset, mask, weight, bias, *, params: ConvParams):
     n, _, _, _ = x.shape
     _, ho, wo, _ = offset.shape
-    return jax.core.ShapedArray(
-        (n, ho, wo, weight.shape[3]), x.dtype, sharding=_sharding.output_sharding(x, ho, wo)
-    )
+    return _result_like((x, offset, mask, weight, bias), (n, ho, wo, weight.shape[3]),
+                        x.dtype, _sharding.forward_output_sharding(x, offset, weight))
 
 
 forward_p.def_abstract_eval(_forward_abstract_eval)
@@ -95,13 +94,12 @@ backward_p.def_impl(_impl(backward_p))
 
 
 def _backward_abstract_eval(x, offset, mask, weight, grad_y, *, params, deterministic):
-    del grad_y, params, deterministic
-    f32 = jnp.float32
-    return (
-        jax.core.ShapedArray(x.shape, f32, sharding=_sharding.like(x)),
-        jax.core.ShapedArray(offset.shape, f32, sharding=_sharding.like(offset)),
-        jax.core.ShapedArray(mask.shape, f32, sharding=_sharding.like(mask)),
-        jax.core.ShapedArray(weight.shape, f32, sharding=_sharding.like(weight)),
+    del params, deterministic
+    operands = (x, offset, mask, weight, grad_y)
+    shardings = _sharding.backward_output_shardings(x, offset, mask, weight)
+    return tuple(
+        _result_like(operands, a.shape, jnp.float32, s)
+        for a, s in zip((x, offset, mask, weight), shardings)
     )
 
 
@@ -127,6 +125,20 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
     _, vjp = jax.vjp(f, x, offset, mask, weight)
     grads = vjp(grad_y)
     return [g.astype(jnp.float32) for g in grads]
+
+
+def _varying_axes(aval) -> frozenset:
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
+
+
+def _result_like(operands, shape, dtype, sharding):
+    """A result aval. Inside shard_map a result varies over the manual axes its
+    operands vary over, so it is derived from the most varying operand (which
+    also keeps whatever else that jax version tracks per aval)."""
+    template = max(operands, key=lambda a: len(_varying_axes(a)))
+    return template.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 
 for _platform in KERNEL_PLATFORMS:
