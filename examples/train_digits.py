@@ -92,9 +92,12 @@ class Net(nnx.Module):
     def __init__(self, deformable: bool, *, rngs: nnx.Rngs):
         self.deformable = deformable
         self.stem = nnx.Conv(1, BLOCKS[0][0], (3, 3), rngs=rngs)
-        pw, dw = [], []
+        pw, dw, norm = [], [], []
         for cin, cout, stride in BLOCKS:
             pw.append(nnx.Conv(cin, cout, (1, 1), rngs=rngs))
+            # GroupNorm needs no train/eval switch, unlike BatchNorm, and gets the
+            # unnormalized ReLU stack out of its slow start.
+            norm.append(nnx.GroupNorm(cout, num_groups=8, rngs=rngs))
             if deformable:
                 dw.append(DeformConv(cout, (3, 3), strides=stride, modulated=True, rngs=rngs))
             else:
@@ -102,16 +105,17 @@ class Net(nnx.Module):
                                    feature_group_count=cout, rngs=rngs))
         self.pw = nnx.List(pw) if hasattr(nnx, "List") else pw
         self.dw = nnx.List(dw) if hasattr(nnx, "List") else dw
+        self.norm = nnx.List(norm) if hasattr(nnx, "List") else norm
         self.head = nnx.Linear(BLOCKS[-1][1], 10, rngs=rngs)
 
     def features(self, x):
         """Logits and the input of every depthwise layer (for drawing offsets)."""
         h = jax.nn.relu(self.stem(x))
         dw_inputs = []
-        for pw, dw in zip(self.pw, self.dw):
+        for pw, dw, norm in zip(self.pw, self.dw, self.norm):
             h = jax.nn.relu(pw(h))
             dw_inputs.append(h)
-            h = jax.nn.relu(dw(h))
+            h = jax.nn.relu(norm(dw(h)))
         return self.head(h.mean(axis=(1, 2))), dw_inputs
 
     def __call__(self, x):
@@ -235,7 +239,7 @@ def draw(model, images, labels, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="digits_out", help="folder for the PNG")

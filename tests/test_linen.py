@@ -1,0 +1,221 @@
+"""Flax Linen DeformConv: init == depthwise conv, gradients, conversion,
+checkpoints, dtypes, jit, caller offsets, logical partitioning, errors."""
+
+import pytest
+
+pytest.importorskip("flax")
+optax = pytest.importorskip("optax")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+import jax_deform  # noqa: E402
+from jax_deform.linen import DeformConv, from_depthwise_conv  # noqa: E402
+
+
+def _x(rng, shape, dtype=np.float32):
+    return jnp.asarray(rng.standard_normal(shape).astype(dtype))
+
+
+def _key(rng):
+    return jax.random.key(int(rng.integers(1 << 30)))
+
+
+def depthwise_reference(x, kernel, bias, strides, padding, dilation):
+    y = lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        precision=lax.Precision.HIGHEST,
+    )
+    return y if bias is None else y + bias
+
+
+def _randomize(rng, params, names=("kernel", "bias")):
+    params = dict(params)
+    for name in names:
+        if name in params:
+            params[name] = _x(rng, params[name].shape).astype(params[name].dtype)
+    return params
+
+
+@pytest.mark.parametrize("strides,padding,dilation,m,g,modulated", [
+    ((1, 1), "SAME", (1, 1), 1, 1, False),
+    ((2, 2), "SAME", (1, 1), 2, 2, True),
+    ((2, 1), ((1, 2), (0, 3)), (1, 2), 1, 4, True),
+    ((1, 1), "VALID", (2, 2), 3, 1, False),
+])
+def test_init_equals_depthwise_conv(rng, strides, padding, dilation, m, g, modulated):
+    c = 4
+    layer = DeformConv(kernel_size=(3, 3), depth_multiplier=m, strides=strides, padding=padding,
+                       kernel_dilation=dilation, offset_groups=g, modulated=modulated)
+    x = _x(rng, (2, 11, 10, c))
+    params = layer.init(_key(rng), x)["params"]
+    p = 3 if modulated else 2
+    shapes = jax.tree.map(jnp.shape, params)
+    assert shapes == {"kernel": (3, 3, 1, c * m), "bias": (c * m,),
+                      "offset_conv": {"kernel": (3, 3, c, p * g * 9), "bias": (p * g * 9,)}}
+    assert not any(np.any(np.asarray(a)) for a in jax.tree.leaves(params["offset_conv"]))
+    params = _randomize(rng, params)
+    y = layer.apply({"params": params}, x)
+    want = depthwise_reference(x, params["kernel"], params["bias"], strides, padding, dilation)
+    assert y.shape == want.shape and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_offset_predictor_and_optax_step(rng):
+    layer = DeformConv(kernel_size=(3, 3), offset_groups=2, modulated=True)
+    x = _x(rng, (2, 9, 9, 4))
+    target = _x(rng, (2, 9, 9, 4))
+    params = layer.init(_key(rng), x)["params"]
+
+    def loss_fn(p):
+        return jnp.mean((layer.apply({"params": p}, x) - target) ** 2)
+
+    grads = jax.grad(loss_fn)(params)
+    gk = np.asarray(grads["offset_conv"]["kernel"])
+    n_off = 2 * 2 * 9
+    assert np.abs(gk[..., :n_off]).max() > 1e-4
+    assert np.abs(gk[..., n_off:]).max() > 1e-4
+
+    tx = optax.sgd(1e-2)
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    assert np.abs(np.asarray(new["offset_conv"]["kernel"])).max() > 0
+    assert float(loss_fn(new)) < float(loss_fn(params))
+
+
+def test_from_depthwise_conv(rng):
+    c, m = 6, 2
+    conv = nn.Conv(c * m, (3, 3), strides=(2, 1), padding=((1, 1), (2, 0)),
+                   kernel_dilation=(1, 2), feature_group_count=c)
+    x = _x(rng, (2, 12, 11, c))
+    variables = conv.init(_key(rng), x)
+    variables = {"params": _randomize(rng, variables["params"])}
+    module, params = from_depthwise_conv(conv, variables, offset_groups=3, modulated=True)
+    assert module.depth_multiplier == m
+    # The converted params have exactly the structure init gives.
+    init_params = module.init(_key(rng), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, init_params)
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, x)),
+                               np.asarray(conv.apply(variables, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_from_depthwise_conv_rejects_non_depthwise(rng):
+    x = _x(rng, (1, 8, 8, 4))
+    full = nn.Conv(8, (3, 3))
+    with pytest.raises(ValueError, match="not depthwise"):
+        from_depthwise_conv(full, full.init(_key(rng), x)["params"])
+    grouped = nn.Conv(4, (3, 3), feature_group_count=2)
+    with pytest.raises(ValueError, match="not depthwise"):
+        from_depthwise_conv(grouped, grouped.init(_key(rng), x)["params"])
+    circular = nn.Conv(4, (3, 3), feature_group_count=4, padding="CIRCULAR")
+    with pytest.raises(ValueError, match="CIRCULAR"):
+        from_depthwise_conv(circular, circular.init(_key(rng), x)["params"])
+    with pytest.raises(ValueError, match="nn.Conv"):
+        from_depthwise_conv(nn.Dense(4), {})
+
+
+def test_checkpoint_roundtrip(rng, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    layer = DeformConv(kernel_size=(3, 3), depth_multiplier=2, modulated=True)
+    x = _x(rng, (2, 8, 8, 4))
+    params = layer.init(_key(rng), x)["params"]
+    params["offset_conv"] = _randomize(rng, params["offset_conv"])
+    params["offset_conv"]["kernel"] = 0.1 * params["offset_conv"]["kernel"]
+    want = np.asarray(layer.apply({"params": params}, x))
+
+    path = (tmp_path / "ckpt").absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, params)
+    checkpointer.wait_until_finished()
+    abstract = jax.eval_shape(lambda: layer.init(jax.random.key(0), x)["params"])
+    restored = checkpointer.restore(path, abstract)
+    np.testing.assert_array_equal(np.asarray(layer.apply({"params": restored}, x)), want)
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
+])
+def test_mixed_precision(rng, dtype, param_dtype):
+    layer = DeformConv(kernel_size=(3, 3), modulated=True, dtype=dtype, param_dtype=param_dtype)
+    x = _x(rng, (2, 8, 8, 4))
+    params = layer.init(_key(rng), x)["params"]
+    assert all(p.dtype == param_dtype for p in jax.tree.leaves(params))
+    params["offset_conv"]["kernel"] = (
+        0.1 * _x(rng, params["offset_conv"]["kernel"].shape)).astype(param_dtype)
+    y = layer.apply({"params": params}, x)
+    assert y.dtype == dtype
+    full = DeformConv(kernel_size=(3, 3), modulated=True)
+    want = full.apply({"params": jax.tree.map(lambda a: a.astype(jnp.float32), params)}, x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=5e-2, atol=5e-2)
+
+
+def test_jit(rng):
+    layer = DeformConv(kernel_size=(3, 3), strides=2, modulated=True)
+    x = _x(rng, (2, 9, 9, 4))
+    params = layer.init(_key(rng), x)["params"]
+    params["offset_conv"]["kernel"] = 0.1 * _x(rng, params["offset_conv"]["kernel"].shape)
+    eager = np.asarray(layer.apply({"params": params}, x))
+    jitted = jax.jit(lambda p, v: layer.apply({"params": p}, v))(params, x)
+    np.testing.assert_allclose(np.asarray(jitted), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_caller_offsets_equal_op(rng):
+    c, g = 6, 3
+    layer = DeformConv(kernel_size=(3, 3), strides=2, padding=1, offset_groups=g,
+                       predict_offsets=False)
+    x = _x(rng, (2, 9, 8, c))
+    offset = 2.0 * _x(rng, (2, 5, 4, 2 * g * 9))
+    mask = jnp.asarray(rng.uniform(0, 1, (2, 5, 4, g * 9)).astype(np.float32))
+    params = layer.init(_key(rng), x, offset, mask)["params"]
+    assert set(params) == {"kernel", "bias"}
+    params = _randomize(rng, params)
+    got = layer.apply({"params": params}, x, offset, mask)
+    want = jax_deform.deform_conv2d(x, offset, params["kernel"], mask, params["bias"],
+                                    stride=2, padding=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs an offset"):
+        layer.apply({"params": params}, x)
+
+
+def test_logical_partitioning_metadata(rng):
+    layer = DeformConv(
+        kernel_size=(3, 3), modulated=True,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 (None, None, None, "channels")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("channels",)),
+        offset_kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                        (None, None, "channels", None)),
+    )
+    x = _x(rng, (2, 8, 8, 4))
+    variables = layer.init(_key(rng), x)
+    specs = nn.get_partition_spec(variables)["params"]
+    assert tuple(specs["kernel"]) == (None, None, None, "channels")
+    assert tuple(specs["bias"]) == ("channels",)
+    assert tuple(specs["offset_conv"]["kernel"]) == (None, None, "channels", None)
+    # Boxed params still apply, and the converter unboxes them.
+    y = layer.apply(variables, x)
+    plain = nn.unbox(variables)["params"]
+    want = depthwise_reference(x, plain["kernel"], plain["bias"], (1, 1), "SAME", (1, 1))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    conv = nn.Conv(4, (3, 3), feature_group_count=4,
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                            (None, None, None, "channels")))
+    conv_vars = conv.init(_key(rng), x)
+    module, params = from_depthwise_conv(conv, conv_vars)
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, x)),
+                               np.asarray(conv.apply(conv_vars, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments(rng):
+    x = _x(rng, (1, 8, 8, 6))
+    with pytest.raises(ValueError, match="offset_groups"):
+        DeformConv(kernel_size=(3, 3), offset_groups=4).init(_key(rng), x)
+    with pytest.raises(ValueError, match="REFLECT"):
+        DeformConv(kernel_size=(3, 3), padding="REFLECT").init(_key(rng), x)
+    with pytest.raises(ValueError, match="predict_offsets=False"):
+        DeformConv(kernel_size=(3, 3)).init(_key(rng), x, jnp.zeros((1, 8, 8, 18), jnp.float32))

@@ -1,0 +1,312 @@
+"""Flax NNX DeformConv: init == depthwise conv, gradients, conversion,
+checkpoints, dtypes, jit, caller offsets, partitioning, errors, the example."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("flax")
+optax = pytest.importorskip("optax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax import lax  # noqa: E402
+
+import jax_deform  # noqa: E402
+from jax_deform.nnx import DeformConv, from_depthwise_conv  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _x(rng, shape, dtype=np.float32):
+    return jnp.asarray(rng.standard_normal(shape).astype(dtype))
+
+
+def _lax_padding(padding):
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def depthwise_reference(x, kernel, bias, strides, padding, dilation):
+    y = lax.conv_general_dilated(
+        x, kernel, strides, _lax_padding(padding), rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        precision=lax.Precision.HIGHEST,
+    )
+    return y if bias is None else y + bias
+
+
+def _randomize(rng, layer, names=("kernel", "bias")):
+    for name in names:
+        var = getattr(layer, name)
+        if var is not None:
+            var[...] = _x(rng, var[...].shape).astype(var[...].dtype)
+
+
+GEOMETRIES = [
+    # kernel, strides, padding, dilation, M, G, modulated
+    ((3, 3), 1, "SAME", 1, 1, 1, False),
+    ((3, 3), 2, "SAME", 1, 2, 2, True),
+    ((3, 5), (2, 1), ((1, 2), (0, 3)), (1, 2), 1, 4, True),
+    ((2, 2), 1, "VALID", 2, 3, 1, False),
+    ((3, 3), 1, 1, 1, 1, 2, True),
+    ((3, 3), 2, (1, 0), 1, 1, 1, False),
+]
+
+
+@pytest.mark.parametrize("kernel,strides,padding,dilation,m,g,modulated", GEOMETRIES)
+def test_init_equals_depthwise_conv(rng, kernel, strides, padding, dilation, m, g, modulated):
+    c = 4
+    layer = DeformConv(c, kernel, depth_multiplier=m, strides=strides, padding=padding,
+                       kernel_dilation=dilation, offset_groups=g, modulated=modulated,
+                       rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    _randomize(rng, layer)  # a random bias too, so it is checked as well
+    assert layer.kernel[...].shape == (*kernel, 1, c * m)
+    assert layer.bias[...].shape == (c * m,)
+    taps = kernel[0] * kernel[1]
+    assert layer.offset_conv.kernel[...].shape == (*kernel, c, (3 if modulated else 2) * g * taps)
+    assert not np.any(np.asarray(layer.offset_conv.kernel[...]))
+    assert not np.any(np.asarray(layer.offset_conv.bias[...]))
+
+    x = _x(rng, (2, 11, 10, c))
+    y = layer(x)
+    sd = (strides, strides) if isinstance(strides, int) else strides
+    dd = (dilation, dilation) if isinstance(dilation, int) else dilation
+    want = depthwise_reference(x, layer.kernel[...], layer.bias[...], sd, padding, dd)
+    assert y.shape == want.shape and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    offset, mask = layer.sampling_offsets(x)
+    assert offset.shape == y.shape[:3] + (2 * g * taps,)
+    if modulated:
+        assert mask.shape == y.shape[:3] + (g * taps,)
+        assert np.all(np.asarray(mask) == 1.0)  # exactly 1, not 0.5
+    else:
+        assert mask is None
+
+
+def test_no_bias(rng):
+    layer = DeformConv(3, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
+    assert layer.bias is None
+    x = _x(rng, (1, 7, 7, 3))
+    want = depthwise_reference(x, layer.kernel[...], None, (1, 1), "SAME", (1, 1))
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_offset_predictor_gets_gradients_and_learns(rng, modulated):
+    c, g = 4, 2
+    layer = DeformConv(c, (3, 3), offset_groups=g, modulated=modulated,
+                       rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    x = _x(rng, (2, 9, 9, c))
+    target = _x(rng, (2, 9, 9, c))
+
+    def loss_fn(model):
+        return jnp.mean((model(x) - target) ** 2)
+
+    grads = nnx.grad(loss_fn)(layer)
+    gk = np.asarray(grads.offset_conv.kernel[...])
+    gb = np.asarray(grads.offset_conv.bias[...])
+    n_off = 2 * g * 9
+    # Zero offsets sit on integer positions, where the bilinear weights still
+    # have a derivative: the predictor must receive a gradient at exactly init.
+    assert np.abs(gk[..., :n_off]).max() > 1e-4
+    assert np.abs(gb[:n_off]).max() > 1e-4
+    if modulated:
+        assert np.abs(gk[..., n_off:]).max() > 1e-4  # mask logits too
+
+    # Same gradients through the pure-jnp implementation.
+    ref_layer = DeformConv(c, (3, 3), offset_groups=g, modulated=modulated,
+                           implementation="xla", rngs=nnx.Rngs(0))
+    nnx.update(ref_layer, nnx.state(layer))
+    ref = nnx.grad(loss_fn)(ref_layer)
+    np.testing.assert_allclose(gk, np.asarray(ref.offset_conv.kernel[...]), rtol=1e-4, atol=1e-5)
+
+    optimizer = nnx.Optimizer(layer, optax.sgd(1e-2), wrt=nnx.Param)
+    before = float(loss_fn(layer))
+    optimizer.update(layer, grads)
+    offset, _ = layer.sampling_offsets(x)
+    assert np.abs(np.asarray(offset)).max() > 0
+    assert float(loss_fn(layer)) < before
+
+
+def test_from_depthwise_conv(rng):
+    c, m = 6, 2
+    conv = nnx.Conv(c, c * m, (3, 3), strides=(2, 1), padding=((1, 1), (2, 0)),
+                    kernel_dilation=(1, 2), feature_group_count=c,
+                    rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    conv.bias[...] = _x(rng, (c * m,))
+    layer = from_depthwise_conv(conv, offset_groups=3, modulated=True)
+    assert layer.depth_multiplier == m and layer.offset_groups == 3
+    x = _x(rng, (2, 12, 11, c))
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(conv(x)), rtol=1e-5, atol=1e-5)
+    # Copies, not shared arrays: training the new layer leaves the conv alone.
+    layer.kernel[...] = layer.kernel[...] + 1.0
+    assert not np.allclose(np.asarray(layer.kernel[...]), np.asarray(conv.kernel[...]))
+
+
+def test_from_depthwise_conv_rejects_non_depthwise():
+    with pytest.raises(ValueError, match="not depthwise"):
+        from_depthwise_conv(nnx.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="not depthwise"):
+        from_depthwise_conv(nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="2D"):
+        from_depthwise_conv(nnx.Conv(4, 4, (3,), feature_group_count=4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="CIRCULAR"):
+        from_depthwise_conv(nnx.Conv(4, 4, (3, 3), feature_group_count=4, padding="CIRCULAR",
+                                     rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="nnx.Conv"):
+        from_depthwise_conv(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+
+
+def test_checkpoint_roundtrip(rng, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+
+    def make(seed):
+        return DeformConv(4, (3, 3), depth_multiplier=2, modulated=True, offset_groups=2,
+                          rngs=nnx.Rngs(seed))
+
+    layer = make(int(rng.integers(1 << 30)))
+    # Non-zero predictor, so restored offsets matter for the output.
+    layer.offset_conv.kernel[...] = 0.1 * _x(rng, layer.offset_conv.kernel[...].shape)
+    _randomize(rng, layer)
+    x = _x(rng, (2, 8, 8, 4))
+    want = np.asarray(layer(x))
+
+    path = (tmp_path / "ckpt").absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, nnx.state(layer))
+    checkpointer.wait_until_finished()
+
+    abstract = nnx.eval_shape(lambda: make(0))
+    graphdef, abstract_state = nnx.split(abstract)
+    restored = nnx.merge(graphdef, checkpointer.restore(path, abstract_state))
+    np.testing.assert_array_equal(np.asarray(restored(x)), want)
+    fresh = make(1)
+    assert not np.allclose(np.asarray(fresh(x)), want)
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
+])
+def test_mixed_precision(rng, dtype, param_dtype):
+    layer = DeformConv(4, (3, 3), modulated=True, dtype=dtype, param_dtype=param_dtype,
+                       rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    params = jax.tree.leaves(nnx.state(layer, nnx.Param))
+    assert params and all(p.dtype == param_dtype for p in params)
+    layer.offset_conv.kernel[...] = (0.1 * _x(rng, layer.offset_conv.kernel[...].shape)).astype(
+        param_dtype)
+    x = _x(rng, (2, 8, 8, 4))
+    y = layer(x)
+    assert y.dtype == dtype
+    full = DeformConv(4, (3, 3), modulated=True, rngs=nnx.Rngs(0))
+    nnx.update(full, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(layer)))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(full(x)),
+                               rtol=5e-2, atol=5e-2)
+    grads = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32)))(layer)
+    assert grads.kernel[...].dtype == param_dtype
+
+
+def test_jit(rng):
+    layer = DeformConv(4, (3, 3), strides=2, modulated=True,
+                       rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    layer.offset_conv.kernel[...] = 0.1 * _x(rng, layer.offset_conv.kernel[...].shape)
+    x = _x(rng, (2, 9, 9, 4))
+    eager = np.asarray(layer(x))
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, v: m(v))(layer, x)), eager,
+                               rtol=1e-6, atol=1e-6)
+    graphdef, state = nnx.split(layer)
+    pure = jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))
+    np.testing.assert_allclose(np.asarray(pure(state, x)), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_caller_offsets_equal_op(rng):
+    c, g, m = 6, 3, 2
+    layer = DeformConv(c, (3, 3), depth_multiplier=m, strides=2, padding=1, offset_groups=g,
+                       predict_offsets=False, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    _randomize(rng, layer)
+    assert layer.offset_conv is None
+    assert "offset_conv" not in nnx.state(layer)
+    x = _x(rng, (2, 9, 8, c))
+    offset = 2.0 * _x(rng, (2, 5, 4, 2 * g * 9))
+    mask = jnp.asarray(rng.uniform(0, 1, (2, 5, 4, g * 9)).astype(np.float32))
+    for mk in (None, mask):
+        got = layer(x, offset, mk)
+        want = jax_deform.deform_conv2d(x, offset, layer.kernel[...], mk, layer.bias[...],
+                                        stride=2, padding=1)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs an offset"):
+        layer(x)
+    predicting = DeformConv(c, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="predict_offsets=False"):
+        predicting(x, jnp.zeros((2, 9, 8, 18), jnp.float32))
+
+
+def test_partitioning_metadata(rng):
+    mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        layer = DeformConv(
+            4, (3, 3), depth_multiplier=2, modulated=True,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                              (None, None, None, "model")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("model",)),
+            offset_kernel_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
+                                                     (None, None, "model", None)),
+            rngs=nnx.Rngs(int(rng.integers(1 << 30))),
+        )
+        specs = nnx.get_partition_spec(nnx.state(layer))
+        assert tuple(specs["kernel"].get_value()) == (None, None, None, "model")
+        assert tuple(specs["bias"].get_value()) == ("model",)
+        assert tuple(specs["offset_conv"]["kernel"].get_value()) == (None, None, "model", None)
+        assert tuple(specs["offset_conv"]["bias"].get_value()) == ()
+        # The annotation is applied: the kernel is split over the two devices.
+        kernel = layer.kernel[...]
+        assert len(kernel.sharding.device_set) == 2
+        assert kernel.addressable_shards[0].data.shape == (3, 3, 1, 4)
+        x = _x(rng, (2, 8, 8, 4))
+        y = nnx.jit(lambda m, v: m(v))(layer, x)
+    plain = depthwise_reference(x, np.asarray(kernel), np.asarray(layer.bias[...]), (1, 1),
+                                "SAME", (1, 1))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments(rng):
+    with pytest.raises(ValueError, match="offset_groups"):
+        DeformConv(6, (3, 3), offset_groups=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="CIRCULAR"):
+        DeformConv(4, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="depth_multiplier"):
+        DeformConv(4, (3, 3), depth_multiplier=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kernel_size"):
+        DeformConv(4, (3, 3, 3), rngs=nnx.Rngs(0))
+    layer = DeformConv(4, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 4\)"):
+        layer(_x(rng, (1, 8, 8, 5)))
+
+
+def test_import_without_flax_does_not_import_flax():
+    code = "import sys, jax_deform; assert 'flax' not in sys.modules, 'flax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_example_quick_run(tmp_path):
+    for mod in ("sklearn", "matplotlib", "tqdm"):
+        pytest.importorskip(mod)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_digits.py"), "--quick",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "depthwise: test acc" in proc.stdout and "deformable: test acc" in proc.stdout
+    png = out / "sampling_points.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
