@@ -1,0 +1,126 @@
+// XLA FFI handlers for the CUDA kernels: decode buffers, check the limits of
+// the kernels' index types, launch on the stream XLA gives.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "cuda_kernels.h"
+#include "ffi_handlers.h"
+#include "ffi_shapes.h"
+
+namespace jax_deform {
+namespace {
+
+ffi::Error ToDtype(ffi::DataType t, Dtype* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = Dtype::kF32; return ffi::Error::Success();
+    case ffi::DataType::BF16: *out = Dtype::kBF16; return ffi::Error::Success();
+    case ffi::DataType::F16: *out = Dtype::kF16; return ffi::Error::Success();
+    default: return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
+  }
+}
+
+// The kernels keep in-image pixel indices in 32 bits and put offset groups on
+// the grid's y axis; everything else is indexed with 64 bits.
+ffi::Error CheckLimits(const ConvShape& s) {
+  if (s.h * s.w > std::numeric_limits<int32_t>::max() || s.groups > 65535) {
+    return ffi::Error::InvalidArgument(
+        "deform_conv2d (CUDA): H*W must be < 2^31 and offset groups <= 65535");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CudaError(cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("deform_conv2d (CUDA): ") + cudaGetErrorString(err));
+}
+
+const void* DataOrNull(const ffi::AnyBuffer& b) {
+  return b.element_count() > 0 ? b.untyped_data() : nullptr;
+}
+
+ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                       ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t stride_h, int64_t stride_w,
+                       int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w) {
+  ConvShape s;
+  ffi::Error err = MakeConvShape(x, offset, mask, weight,
+                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  if (err.failure()) return err;
+  if (s.n * s.ho * s.wo == 0) return ffi::Error::Success();
+  if (err = CheckLimits(s); err.failure()) return err;
+  Dtype dtype;
+  if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
+  return CudaError(LaunchForwardCuda(stream, dtype, s, x.untyped_data(), offset.untyped_data(),
+                                     DataOrNull(mask), weight.untyped_data(), DataOrNull(bias),
+                                     y->untyped_data()));
+}
+
+ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                        ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer weight,
+                        ffi::AnyBuffer grad_y, ffi::Result<ffi::Buffer<ffi::F32>> grad_x,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_offset,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_mask,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_weight, int64_t stride_h,
+                        int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                        int64_t dil_w, bool deterministic) {
+  ConvShape s;
+  ffi::Error err = MakeConvShape(x, offset, mask, weight,
+                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  if (err.failure()) return err;
+  if (s.n * s.ho * s.wo == 0) {
+    cudaMemsetAsync(grad_x->typed_data(), 0, grad_x->size_bytes(), stream);
+    return CudaError(
+        cudaMemsetAsync(grad_weight->typed_data(), 0, grad_weight->size_bytes(), stream));
+  }
+  if (err = CheckLimits(s); err.failure()) return err;
+  if (deterministic && (s.n * s.h * s.w * s.groups >= std::numeric_limits<uint32_t>::max() ||
+                        s.n * s.ho * s.wo * s.groups * s.taps() * 4 >=
+                            std::numeric_limits<uint32_t>::max())) {
+    return ffi::Error::InvalidArgument(
+        "deform_conv2d (CUDA): the deterministic backward indexes contributions with 32 bits; "
+        "this problem is too large for it (use deterministic=False or split the batch)");
+  }
+  Dtype dtype;
+  if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
+  const size_t bytes = BackwardScratchBytes(s, dtype, deterministic);
+  std::optional<void*> buffer = scratch.Allocate(bytes, 256);
+  if (!buffer.has_value()) {
+    return ffi::Error::ResourceExhausted("deform_conv2d (CUDA): no scratch memory");
+  }
+  return CudaError(LaunchBackwardCuda(
+      stream, dtype, s, deterministic, x.untyped_data(), offset.untyped_data(), DataOrNull(mask),
+      weight.untyped_data(), grad_y.untyped_data(), grad_x->typed_data(),
+      grad_offset->typed_data(), s.has_mask ? grad_mask->typed_data() : nullptr,
+      grad_weight->typed_data(), *buffer));
+}
+
+}  // namespace
+}  // namespace jax_deform
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCuda, jax_deform::ForwardImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // offset
+                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
+                                  .Arg<xla::ffi::AnyBuffer>()  // weight
+                                  .Arg<xla::ffi::AnyBuffer>()  // bias, empty if none
+                                  .Ret<xla::ffi::AnyBuffer>()  // y
+                                  .JAX_DEFORM_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<xla::ffi::ScratchAllocator>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // offset
+                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
+                                  .Arg<xla::ffi::AnyBuffer>()  // weight
+                                  .Arg<xla::ffi::AnyBuffer>()  // grad_y
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_x
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_offset
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_mask
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_weight
+                                  .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"));

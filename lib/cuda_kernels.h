@@ -1,0 +1,37 @@
+// CUDA kernels of depthwise deformable convolution (NHWC), free of XLA so the
+// launch logic can be read and tested on its own.
+#ifndef JAX_DEFORM_CUDA_KERNELS_H_
+#define JAX_DEFORM_CUDA_KERNELS_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "deform_math.h"
+
+namespace jax_deform {
+
+enum class Dtype { kF32, kBF16, kF16 };
+
+// y = deformable depthwise conv; mask and bias may be null.
+cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
+                              const void* x, const void* offset, const void* mask,
+                              const void* weight, const void* bias, void* y);
+
+// Bytes of device scratch LaunchBackwardCuda needs for this shape.
+size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic);
+
+// Gradients (all float32) for x, offset, mask (if s.has_mask) and weight
+// (kh*kw, C*M). `scratch` holds BackwardScratchBytes(s, dtype, deterministic) bytes.
+// grad_offset, grad_mask and grad_weight are always computed in a fixed order;
+// `deterministic` also makes grad_x free of float atomics.
+cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
+                               bool deterministic, const void* x, const void* offset,
+                               const void* mask, const void* weight, const void* grad_y,
+                               float* grad_x, float* grad_offset, float* grad_mask,
+                               float* grad_weight, void* scratch);
+
+}  // namespace jax_deform
+
+#endif  // JAX_DEFORM_CUDA_KERNELS_H_
