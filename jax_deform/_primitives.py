@@ -127,7 +127,8 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
     return [g.astype(jnp.float32) for g in grads]
 
 
-def _varying_axes(aval) -> frozenset:
+def varying_axes(aval) -> frozenset:
+    """The manual (shard_map) axes over which a value varies."""
     if hasattr(aval, "vma"):
         return frozenset(aval.vma)
     return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
@@ -137,7 +138,7 @@ def _result_like(operands, shape, dtype, sharding):
     """A result aval. Inside shard_map a result varies over the manual axes its
     operands vary over, so it is derived from the most varying operand (which
     also keeps whatever else that jax version tracks per aval)."""
-    template = max(operands, key=lambda a: len(_varying_axes(a)))
+    template = max(operands, key=lambda a: len(varying_axes(a)))
     return template.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 

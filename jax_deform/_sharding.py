@@ -122,11 +122,9 @@ def forward_output_sharding(x, offset, weight):
 
 def backward_output_shardings(x, offset, mask, weight):
     """Shardings of (grad_x, grad_offset, grad_mask, grad_weight) in the types:
-    each like its operand, grad_weight split over channels only."""
-    p = _typed_plan(x, layout_of(x, offset, weight))
-    present = mask.size > 0
-    return (_typed(x, p.grad_x()), _typed(x, p.offset()), _typed(x, p.mask(present)),
-            _typed(x, p.weight()))
+    exactly those of the operands (custom_vjp insists on it), so grad_weight
+    is replicated over the batch, summed inside the partitioned call."""
+    return tuple(a.sharding for a in (x, offset, mask, weight))
 
 
 # -------------------------------------------------- custom partitioning rules
@@ -171,25 +169,41 @@ class _Rule:
         return {k: v for k, v in self.sizes.items() if k not in self.whole}
 
 
-#: Factors that are never split: spatial axes, taps, and empty placeholders.
-_REPLICATED = ("h", "w", "ho", "wo", "kh", "kw", "one", "taps2", "taps", "nomask", "nobias")
+#: Factors that are never split: spatial axes, taps, offset channels that are
+#: not tied to x's channels, and the empty placeholders of absent operands.
+_REPLICATED = ("h", "w", "ho", "wo", "kh", "kw", "one", "taps2", "taps", "offsets", "masks",
+               "nomask", "nobias")
 
 
-def _channel_dims(rule: _Rule, layout: Layout):
-    """x's C, the offsets' and mask's channel axes, and C*M, as rule dims."""
+def _channel_dims(rule: _Rule, layout: Layout, mesh):
+    """x's C, C*M, and the offsets' and mask's channel axes, as rule dims.
+
+    With G > 1 the offset group is a factor shared by x's channels and the
+    offsets' channels, so a channel split carries over to the offsets. That
+    is only offered when every mesh axis divides G: otherwise Shardy may split
+    one mesh axis over group and channel-in-group (sub-axes), which the
+    partitioning callbacks cannot express; the offsets' channels are then
+    kept whole and each channel shard slices its groups locally.
+    """
     g, cg, m, k = layout.groups, layout.c // layout.groups, layout.multiplier, layout.taps
-    # Channel c*M + j of y reads channel c of x, which is in group c // cg.
-    c_dim = rule.dim(("g", g), ("cg", cg))
-    cm_dim = rule.dim(("g", g), ("cg", cg), ("m", m))
-    off_dim = rule.dim(("g", g), ("taps2", 2 * k))
-    mask_dim = rule.dim(("g", g), ("taps", k))
+    if g > 1 and all(g % size == 0 for size in dict(mesh.shape).values()):
+        # Channel c*M + j of y reads channel c of x, which is in group c // cg.
+        c_dim = rule.dim(("g", g), ("cg", cg))
+        cm_dim = rule.dim(("g", g), ("cg", cg), ("m", m))
+        off_dim = rule.dim(("g", g), ("taps2", 2 * k))
+        mask_dim = rule.dim(("g", g), ("taps", k))
+    else:
+        c_dim = rule.dim(("c", layout.c))
+        cm_dim = rule.dim(("c", layout.c), ("m", m))
+        off_dim = rule.dim(("offsets", 2 * g * k))
+        mask_dim = rule.dim(("masks", g * k))
     return c_dim, cm_dim, off_dim, mask_dim
 
 
 def _forward_rule(params, layout, has_mask, has_bias, mesh, operand_types, result_types):
-    del params, mesh, operand_types, result_types
+    del params, operand_types, result_types
     r = _Rule()
-    c, cm, off, msk = _channel_dims(r, layout)
+    c, cm, off, msk = _channel_dims(r, layout, mesh)
     rule = "{} , {} , {} , {} , {} -> {}".format(
         r.array("n", "h", "w", c),
         r.array("n", "ho", "wo", off),
@@ -202,9 +216,9 @@ def _forward_rule(params, layout, has_mask, has_bias, mesh, operand_types, resul
 
 
 def _backward_rule(params, deterministic, layout, has_mask, mesh, operand_types, result_types):
-    del params, deterministic, mesh, operand_types, result_types
+    del params, deterministic, operand_types, result_types
     r = _Rule()
-    c, cm, off, msk = _channel_dims(r, layout)
+    c, cm, off, msk = _channel_dims(r, layout, mesh)
     x, offset = r.array("n", "h", "w", c), r.array("n", "ho", "wo", off)
     mask = r.array("n", "ho", "wo", msk) if has_mask else "nomask"
     weight, grad_y = r.array("kh", "kw", "one", cm), r.array("n", "ho", "wo", cm)
@@ -213,12 +227,12 @@ def _backward_rule(params, deterministic, layout, has_mask, mesh, operand_types,
 
 
 def _rule_kwargs(rule: str, r: _Rule) -> dict:
-    tokens = rule.replace("(", " ").replace(")", " ").replace(",", " ").split()
+    tokens = rule.replace("(", " ").replace(")", " ").replace(",", " ").replace("->", " ").split()
     # Shardy numbers factors by first use and wants special factors in that order.
     in_order = list(dict.fromkeys(t for t in tokens if t in _REPLICATED))
     return dict(
         need_replication_factors=tuple(in_order),
-        **r.factor_sizes(),
+        **{k: v for k, v in r.factor_sizes().items() if k in tokens},
     )
 
 

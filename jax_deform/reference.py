@@ -7,9 +7,14 @@ the fallback wherever no kernel is built. Differentiable with jax.grad.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, auto_axes
 
+from jax_deform import _sharding
 from jax_deform._params import ConvParams, IntPair, Layout, Padding, check_arguments
 from jax_deform._layout import from_nhwc, to_nhwc
 
@@ -37,6 +42,17 @@ def deform_conv2d(
 
 def deform_conv2d_nhwc(x, offset, weight, mask, bias, params: ConvParams, layout: Layout):
     """The computation on checked NHWC operands (mask and bias may be None)."""
+    y_sharding = _sharding.forward_output_sharding(
+        jax.typeof(x), jax.typeof(offset), jax.typeof(weight))
+    if any(t == AxisType.Explicit for t in y_sharding.mesh.axis_types):
+        # The gathers and reshapes below have no sharding-in-types rules for a
+        # split batch or channel axis; XLA partitions them itself instead.
+        compute = functools.partial(_deform_conv2d_nhwc, params=params, layout=layout)
+        return auto_axes(compute, out_sharding=y_sharding)(x, offset, weight, mask, bias)
+    return _deform_conv2d_nhwc(x, offset, weight, mask, bias, params=params, layout=layout)
+
+
+def _deform_conv2d_nhwc(x, offset, weight, mask, bias, *, params: ConvParams, layout: Layout):
     out_dtype = x.dtype
     dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 input
     n, h, w, c = x.shape

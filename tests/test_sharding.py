@@ -1,0 +1,235 @@
+"""deform_conv2d under jit on a mesh of 8 CPU devices: sharded results and
+gradients equal the unsharded ones, batch and channel sharding run
+shard-local (no all-gather in the compiled program), and spatial sharding or
+an unsupported channel split still gives the right answer. Every case runs
+with Explicit and with Auto mesh axes."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_deform
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
+
+AXIS_TYPES = [AxisType.Explicit, AxisType.Auto]
+KW = dict(stride=1, padding=1, dilation=1)
+
+
+def problem(rng, n=8, h=6, w=6, c=8, groups=1, multiplier=2, dtype=np.float32):
+    k = 9
+    f = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return dict(
+        x=f(n, h, w, c),
+        offset=(1.5 * f(n, h, w, 2 * groups * k)).astype(dtype),
+        mask=rng.uniform(0, 1, (n, h, w, groups * k)).astype(dtype),
+        weight=f(3, 3, 1, c * multiplier),
+        bias=f(c * multiplier),
+    )
+
+
+def loss_and_grads(implementation="ffi"):
+    """jit(value_and_grad) of sum(y * cotangent) with respect to every operand."""
+
+    def loss(ops, cotangent):
+        y = jax_deform.deform_conv2d(
+            ops["x"], ops["offset"], ops["weight"], ops["mask"], ops["bias"],
+            implementation=implementation, **KW,
+        )
+        return jnp.sum(y * cotangent), y
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def place(mesh, ops, specs):
+    return {k: jax.device_put(v, NamedSharding(mesh, specs.get(k, P()))) for k, v in ops.items()}
+
+
+def run_sharded(mesh, ops, specs, implementation="ffi"):
+    """(loss, y, grads) of the sharded call and the compiled program's text."""
+    f = loss_and_grads(implementation)
+    sharded = place(mesh, ops, specs)
+    cotangent = jax.device_put(np.ones((1,), np.float32), NamedSharding(mesh, P()))
+    (value, y), grads = f(sharded, cotangent)
+    hlo = f.lower(sharded, cotangent).compile().as_text()
+    return value, y, grads, hlo
+
+
+def unsharded(ops, implementation="ffi"):
+    device = jax.devices()[0]
+    local = {k: jax.device_put(v, device) for k, v in ops.items()}
+    (value, y), grads = loss_and_grads(implementation)(local, np.ones((1,), np.float32))
+    return value, y, grads
+
+
+def assert_close(got, want, rtol=2e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(), 1.0)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def assert_same_as_unsharded(result, ops, implementation="ffi"):
+    value, y, grads, _ = result
+    want_value, want_y, want_grads = unsharded(ops, implementation)
+    assert_close(y, want_y)
+    assert_close(value, want_value)
+    for name in ops:
+        assert_close(grads[name], want_grads[name]), name
+
+
+def collectives(hlo: str) -> set[str]:
+    ops = r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter"
+    return set(re.findall(rf"\b({ops})(?:-start)?\(", hlo))
+
+
+def make_mesh(shape, names, axis_type):
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_batch_sharded_is_shard_local(rng, axis_type):
+    mesh = make_mesh((8,), ("data",), axis_type)
+    ops = problem(rng, groups=2)
+    batch = P("data")
+    result = run_sharded(mesh, ops, dict(x=batch, offset=batch, mask=batch))
+    assert_same_as_unsharded(result, ops)
+    _, y, grads, hlo = result
+    assert y.sharding.spec[0] == "data"
+    assert grads["x"].sharding.spec[0] == "data"
+    # Only the parameter gradients (weight, bias) and the loss are reduced.
+    assert collectives(hlo) <= {"all-reduce"}, collectives(hlo)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("groups,shards", [(1, 4), (2, 2), (4, 4)])
+def test_channel_sharded_is_shard_local(rng, axis_type, groups, shards):
+    mesh = make_mesh((shards,), ("model",), axis_type)
+    ops = problem(rng, n=2, groups=groups)
+    channel = P(None, None, None, "model")
+    offsets = P() if groups == 1 else channel  # G = 1: every shard reads all offsets
+    specs = dict(x=channel, offset=offsets, mask=offsets, weight=channel, bias=P("model"))
+    result = run_sharded(mesh, ops, specs)
+    assert_same_as_unsharded(result, ops)
+    _, y, grads, hlo = result
+    assert y.sharding.spec[3] == "model"
+    assert grads["weight"].sharding.spec[3] == "model"
+    # G = 1: the offsets' gradient is summed over channel shards (all-reduce).
+    assert collectives(hlo) <= {"all-reduce"}, collectives(hlo)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_data_by_model_mesh(rng, axis_type):
+    mesh = make_mesh((4, 2), ("data", "model"), axis_type)
+    ops = problem(rng, groups=2)
+    both = P("data", None, None, "model")
+    specs = dict(x=both, offset=both, mask=both, weight=P(None, None, None, "model"),
+                 bias=P("model"))
+    result = run_sharded(mesh, ops, specs)
+    assert_same_as_unsharded(result, ops)
+    _, y, _, hlo = result
+    assert tuple(y.sharding.spec) == ("data", None, None, "model")
+    assert collectives(hlo) <= {"all-reduce"}, collectives(hlo)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_spatially_sharded_is_correct(rng, axis_type):
+    mesh = make_mesh((2, 4), ("rows", "cols"), axis_type)
+    ops = problem(rng, n=2, h=8, w=8)
+    spatial = P(None, "rows", "cols")
+    result = run_sharded(mesh, ops, dict(x=spatial, offset=spatial, mask=spatial))
+    assert_same_as_unsharded(result, ops)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_channel_split_inside_a_group_is_correct(rng, axis_type):
+    # 4 channel shards but G = 2: a shard would hold half a group, so the
+    # channels are gathered instead.
+    mesh = make_mesh((4,), ("model",), axis_type)
+    ops = problem(rng, n=2, groups=2)
+    channel = P(None, None, None, "model")
+    result = run_sharded(mesh, ops, dict(x=channel, weight=channel))
+    assert_same_as_unsharded(result, ops)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_reference_path_sharded(rng, axis_type):
+    mesh = make_mesh((4, 2), ("data", "model"), axis_type)
+    ops = problem(rng, groups=2)
+    both = P("data", None, None, "model")
+    result = run_sharded(mesh, ops, dict(x=both, offset=both, mask=both), "xla")
+    assert_same_as_unsharded(result, ops, "xla")
+
+
+def test_gspmd_partitioner(rng):
+    """The same rules through the GSPMD callbacks, with Shardy off."""
+    mesh = make_mesh((4, 2), ("data", "model"), AxisType.Auto)
+    ops = problem(rng, groups=2)
+    both = P("data", None, None, "model")
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        result = run_sharded(mesh, ops, dict(x=both, offset=both, mask=both,
+                                             weight=P(None, None, None, "model")))
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+    assert_same_as_unsharded(result, ops)
+    assert collectives(result[3]) <= {"all-reduce"}, collectives(result[3])
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_gradients_through_shard_map(rng, axis_type):
+    mesh = make_mesh((8,), ("data",), axis_type)
+    ops = problem(rng)
+
+    def local_loss(x, offset, mask, weight, bias):
+        y = jax_deform.deform_conv2d(x, offset, weight, mask, bias, **KW)
+        return jax.lax.psum(jnp.sum(y), "data")
+
+    batch = P("data")
+    sharded_loss = jax.shard_map(local_loss, mesh=mesh, in_specs=(batch,) * 3 + (P(), P()),
+                                 out_specs=P())
+    names = ("x", "offset", "mask", "weight", "bias")
+    args = [ops[k] for k in names]
+    sharded = place(mesh, ops, dict(x=batch, offset=batch, mask=batch))
+    grad = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1, 2, 3, 4)))
+    value, grads = grad(*[sharded[k] for k in names])
+
+    def plain_loss(x, offset, mask, weight, bias):
+        return jnp.sum(jax_deform.deform_conv2d(x, offset, weight, mask, bias, **KW))
+
+    want_value, want_grads = jax.jit(jax.value_and_grad(plain_loss, argnums=(0, 1, 2, 3, 4)))(
+        *args)
+    assert_close(value, want_value)
+    for got, want in zip(grads, want_grads):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_vmap_of_batch_sharded(rng, axis_type):
+    """vmap inside jit folds into the partitioned call and stays shard-local."""
+    mesh = make_mesh((8,), ("data",), axis_type)
+    ops = problem(rng, n=8)
+    stacked_w = np.stack([ops["weight"], 2 * ops["weight"]])
+
+    def f(x, offset, ws):
+        return jax.vmap(lambda w: jax_deform.deform_conv2d(x, offset, w, **KW))(ws)
+
+    batch = NamedSharding(mesh, P("data"))
+    x, offset = jax.device_put(ops["x"], batch), jax.device_put(ops["offset"], batch)
+    with jax.set_mesh(mesh):
+        got = jax.jit(f)(x, offset, stacked_w)
+    assert_close(got, jax.jit(f)(ops["x"], ops["offset"], stacked_w))
+
+
+def test_one_device_mesh(rng):
+    mesh = make_mesh((1,), ("data",), AxisType.Explicit)
+    ops = problem(rng, n=2)
+    result = run_sharded(mesh, ops, dict(x=P("data")))
+    assert_same_as_unsharded(result, ops)
