@@ -89,6 +89,13 @@ def collectives(hlo: str) -> set[str]:
     return set(re.findall(rf"\b({ops})(?:-start)?\(", hlo))
 
 
+def kernel_x_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """The x operand shapes the forward and backward kernels run on."""
+    found = re.findall(r'custom_call_target="jax_deform_(?:forward|backward)", '
+                       r"operand_layout_constraints=\{f32\[([\d,]+)\]", hlo)
+    return {tuple(int(d) for d in s.split(",")) for s in found}
+
+
 def make_mesh(shape, names, axis_type):
     return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
 
@@ -103,6 +110,7 @@ def test_batch_sharded_is_shard_local(rng, axis_type):
     _, y, grads, hlo = result
     assert y.sharding.spec[0] == "data"
     assert grads["x"].sharding.spec[0] == "data"
+    assert kernel_x_shapes(hlo) == {(1, 6, 6, 8)}
     # Only the parameter gradients (weight, bias) and the loss are reduced.
     assert collectives(hlo) <= {"all-reduce"}, collectives(hlo)
 
@@ -120,6 +128,7 @@ def test_channel_sharded_is_shard_local(rng, axis_type, groups, shards):
     _, y, grads, hlo = result
     assert y.sharding.spec[3] == "model"
     assert grads["weight"].sharding.spec[3] == "model"
+    assert kernel_x_shapes(hlo) == {(2, 6, 6, 8 // shards)}
     # G = 1: the offsets' gradient is summed over channel shards (all-reduce).
     assert collectives(hlo) <= {"all-reduce"}, collectives(hlo)
 
@@ -135,6 +144,7 @@ def test_data_by_model_mesh(rng, axis_type):
     assert_same_as_unsharded(result, ops)
     _, y, _, hlo = result
     assert tuple(y.sharding.spec) == ("data", None, None, "model")
+    assert kernel_x_shapes(hlo) == {(2, 6, 6, 4)}
     assert collectives(hlo) <= {"all-reduce"}, collectives(hlo)
 
 
