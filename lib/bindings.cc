@@ -1,7 +1,12 @@
 // The one Python binding module: hands XLA the FFI handlers as capsules.
 #include <nanobind/nanobind.h>
 
+#include <string>
+
 #include "ffi_handlers.h"
+#ifdef JAX_DEFORM_WITH_CUDA
+#include "cuda_kernels.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -29,4 +34,21 @@ NB_MODULE(_jax_deform, m) {
 #endif
     return out;
   }, "Maps platform name -> {FFI target name: handler capsule}.");
+#ifdef JAX_DEFORM_WITH_CUDA
+  m.def(
+      "cuda_backward_workspace_bytes",
+      [](int64_t n, int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, int64_t kh,
+         int64_t kw, int64_t groups, int64_t multiplier, const std::string& dtype,
+         bool deterministic) {
+        jax_deform::ConvShape s{};
+        s.n = n, s.h = h, s.w = w, s.c = c, s.ho = ho, s.wo = wo, s.kh = kh, s.kw = kw;
+        s.groups = groups;
+        s.multiplier = multiplier;
+        const auto t = dtype == "float32"    ? jax_deform::Dtype::kF32
+                       : dtype == "bfloat16" ? jax_deform::Dtype::kBF16
+                                             : jax_deform::Dtype::kF16;
+        return jax_deform::BackwardScratchBytes(s, t, deterministic);
+      },
+      "Bytes of device workspace the CUDA backward kernel needs.");
+#endif
 }

@@ -57,12 +57,13 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer off
                                      y->untyped_data()));
 }
 
-ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
                         ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer weight,
                         ffi::AnyBuffer grad_y, ffi::Result<ffi::Buffer<ffi::F32>> grad_x,
                         ffi::Result<ffi::Buffer<ffi::F32>> grad_offset,
                         ffi::Result<ffi::Buffer<ffi::F32>> grad_mask,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_weight, int64_t stride_h,
+                        ffi::Result<ffi::Buffer<ffi::F32>> grad_weight,
+                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t stride_h,
                         int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                         int64_t dil_w, bool deterministic) {
   ConvShape s;
@@ -84,16 +85,14 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   }
   Dtype dtype;
   if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
-  const size_t bytes = BackwardScratchBytes(s, dtype, deterministic);
-  std::optional<void*> buffer = scratch.Allocate(bytes, 256);
-  if (!buffer.has_value()) {
-    return ffi::Error::ResourceExhausted("deform_conv2d (CUDA): no scratch memory");
+  if (workspace->size_bytes() < BackwardScratchBytes(s, dtype, deterministic)) {
+    return ffi::Error::InvalidArgument("deform_conv2d (CUDA): workspace too small");
   }
   return CudaError(LaunchBackwardCuda(
       stream, dtype, s, deterministic, x.untyped_data(), offset.untyped_data(), DataOrNull(mask),
       weight.untyped_data(), grad_y.untyped_data(), grad_x->typed_data(),
       grad_offset->typed_data(), s.has_mask ? grad_mask->typed_data() : nullptr,
-      grad_weight->typed_data(), *buffer));
+      grad_weight->typed_data(), workspace->typed_data()));
 }
 
 }  // namespace
@@ -113,7 +112,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCuda, jax_deform::ForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<xla::ffi::ScratchAllocator>()
                                   .Arg<xla::ffi::AnyBuffer>()  // x
                                   .Arg<xla::ffi::AnyBuffer>()  // offset
                                   .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
@@ -123,4 +121,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_offset
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_mask
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_weight
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()   // workspace
                                   .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"));
