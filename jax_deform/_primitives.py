@@ -142,9 +142,30 @@ def _result_like(operands, shape, dtype, sharding):
     return template.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 
+def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, deterministic):
+    """The CUDA kernel also needs device workspace (per-tile grad_weight partial
+    sums; the deterministic path's contribution buckets). XLA allocates it as an
+    extra result of the custom call, which is dropped here."""
+    layout = layout_of(*(ctx.avals_in[i] for i in (0, 1, 3)))
+    nbytes = _extension.cuda_backward_workspace_bytes(
+        layout.n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
+        layout.groups, layout.multiplier, jnp.dtype(ctx.avals_in[0].dtype).name,
+        bool(deterministic),
+    )
+    workspace = jax.core.ShapedArray((max(int(nbytes), 1),), jnp.uint8)
+    ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
+    results = _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,
+                                 deterministic=deterministic)
+    return results[:4]
+
+
 for _platform in KERNEL_PLATFORMS:
     mlir.register_lowering(forward_p, _forward_lowering, platform=_platform)
-    mlir.register_lowering(backward_p, _backward_lowering, platform=_platform)
+    mlir.register_lowering(
+        backward_p,
+        _backward_lowering_cuda if _platform == "cuda" else _backward_lowering,
+        platform=_platform,
+    )
 # Platforms without a compiled kernel lower to the pure-jnp computation.
 mlir.register_lowering(forward_p, mlir.lower_fun(_forward_fallback, multiple_results=False))
 mlir.register_lowering(backward_p, mlir.lower_fun(_backward_fallback, multiple_results=True))

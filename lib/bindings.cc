@@ -1,5 +1,6 @@
 // The one Python binding module: hands XLA the FFI handlers as capsules.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include <string>
 

@@ -1,7 +1,7 @@
 // CUDA kernels of depthwise deformable convolution, channels last.
 //
-// Work split: a block owns a tile of consecutive output pixels for one offset
-// group. It first computes, once, the sample geometry of every (pixel, tap)
+// Work split: a block owns a 2-D tile of output pixels (8x8 for 3x3 kernels)
+// for one offset group. It first computes, once, the sample geometry of every (pixel, tap)
 // of the tile into shared memory (corner indices, bilinear weights, mask);
 // then its threads walk the channels of the group, `lanes` consecutive
 // threads on consecutive vectors of V channels (16-byte loads), so every
@@ -27,7 +27,7 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 constexpr int kMaxTilePixels = 64;
-constexpr size_t kGeometryBudget = 40 * 1024;  // shared memory for the tile geometry
+constexpr size_t kGeometryBudget = 38 * 1024;  // shared memory for the tile geometry
 
 __device__ __forceinline__ float ToF(float v) { return v; }
 __device__ __forceinline__ float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -128,6 +128,24 @@ __device__ __forceinline__ Bilinear ToBilinear(const TapGeometry& t) {
   return b;
 }
 
+// Output tiles: tile_w x (pixels / tile_w) pixels of one image; tiles are
+// numbered x fastest, then y, then image. Square-ish tiles keep the input
+// footprint of a block (and so its L1 working set) small.
+struct TileGrid {
+  int pixels, width;
+  int64_t tiles_x, tiles_y;
+};
+
+// Global output pixel index of tile-local pixel lp, or -1 past the edge.
+__device__ __forceinline__ int64_t TilePixel(const ConvShape& s, const TileGrid& t, int64_t tile,
+                                             int lp) {
+  const int64_t tx = tile % t.tiles_x, ty = (tile / t.tiles_x) % t.tiles_y;
+  const int64_t image = tile / (t.tiles_x * t.tiles_y);
+  const int64_t oy = ty * (t.pixels / t.width) + lp / t.width;
+  const int64_t ox = tx * t.width + lp % t.width;
+  return (oy < s.ho && ox < s.wo) ? (image * s.ho + oy) * s.wo + ox : -1;
+}
+
 // How a block splits its work; identical for forward and backward.
 struct Plan {
   int vec;          // channels per thread access (V)
@@ -135,6 +153,7 @@ struct Plan {
   int tile_pixels;  // output pixels per block
   int threads;
   int64_t tiles;
+  TileGrid grid;
 };
 
 int FloorPow2(int64_t v) {
@@ -150,22 +169,32 @@ Plan MakePlan(const ConvShape& s, int max_vec) {
   const int64_t vectors = cg / p.vec;
   p.lanes = FloorPow2(std::min<int64_t>(vectors, 32));
   const int64_t by_smem =
-      static_cast<int64_t>(kGeometryBudget / (s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))));
+      static_cast<int64_t>(kGeometryBudget / (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))));
   p.tile_pixels = FloorPow2(std::max<int64_t>(1, std::min<int64_t>(kMaxTilePixels, by_smem)));
   p.threads = std::max(32, std::min(kMaxThreads, p.tile_pixels * p.lanes));
-  const int64_t pixels = s.n * s.ho * s.wo;
-  p.tiles = (pixels + p.tile_pixels - 1) / p.tile_pixels;
+  p.grid.pixels = p.tile_pixels;
+  p.grid.width = 1;
+  while (p.grid.width * p.grid.width * 4 <= p.tile_pixels) p.grid.width *= 2;
+  const int height = p.tile_pixels / p.grid.width;
+  p.grid.tiles_x = (s.wo + p.grid.width - 1) / p.grid.width;
+  p.grid.tiles_y = (s.ho + height - 1) / height;
+  p.tiles = s.n * p.grid.tiles_x * p.grid.tiles_y;
   return p;
 }
 
-// Fills the tile's geometry table [tile_pixels][taps] in shared memory.
+// Fills the tile's pixel indices [tile_pixels] and geometry [tile_pixels][taps]
+// in shared memory.
 template <typename T>
-__device__ void TileGeometry(const ConvShape& s, const T* __restrict__ offset,
-                             const T* __restrict__ mask, int64_t first_pixel, int pixels,
-                             int64_t g, TapGeometry* geom) {
+__device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
+                             const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
+                             TapGeometry* geom) {
   const int taps = static_cast<int>(s.taps());
-  for (int e = threadIdx.x; e < pixels * taps; e += blockDim.x) {
-    geom[e] = MakeGeometry(s, offset, mask, first_pixel + e / taps, g, e % taps);
+  for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
+    pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
+  }
+  for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
+    const int64_t pixel = TilePixel(s, tg, blockIdx.x, e / taps);
+    if (pixel >= 0) geom[e] = MakeGeometry(s, offset, mask, pixel, g, e % taps);
   }
 }
 
@@ -174,16 +203,14 @@ __device__ void TileGeometry(const ConvShape& s, const T* __restrict__ offset,
 // MB: output channels per input channel handled per pass (M > 1 runs in passes).
 template <typename T, int V, int MB>
 __global__ void __launch_bounds__(kMaxThreads)
-    ForwardKernel(ConvShape s, int lanes, int tile_pixels, const T* __restrict__ x,
+    ForwardKernel(ConvShape s, TileGrid tg, int lanes, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask,
                   const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
-  extern __shared__ unsigned char smem[];
-  TapGeometry* geom = reinterpret_cast<TapGeometry*>(smem);
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
+  TapGeometry* geom = reinterpret_cast<TapGeometry*>(pixel_of + tg.pixels);
   const int64_t g = blockIdx.y;
-  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * tile_pixels;
-  const int pixels =
-      static_cast<int>(std::min<int64_t>(tile_pixels, s.n * s.ho * s.wo - first_pixel));
-  TileGeometry(s, offset, mask, first_pixel, pixels, g, geom);
+  TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
   __syncthreads();
 
   const int taps = static_cast<int>(s.taps());
@@ -194,8 +221,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t j0 = 0; j0 < m; j0 += MB) {
     for (int vec = lane; vec < vectors; vec += lanes) {
       const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
-      for (int lp = threadIdx.x / lanes; lp < pixels; lp += groups_of_pixels) {
-        const int64_t pixel = first_pixel + lp;
+      for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += groups_of_pixels) {
+        const int64_t pixel = pixel_of[lp];
+        if (pixel < 0) continue;
         const T* xc = x + (pixel / img_pixels) * hw * s.c + c;
         float acc[V * MB];
 #pragma unroll
@@ -273,22 +301,21 @@ __device__ __forceinline__ float SumOverLanes(float v, int lanes) {
 // scattered with atomics when `scatter` is set (the fast path).
 template <typename T, int V, int MB>
 __global__ void __launch_bounds__(kMaxThreads)
-    BackwardKernel(ConvShape s, int lanes, int tile_pixels, bool scatter, const T* __restrict__ x,
+    BackwardKernel(ConvShape s, TileGrid tg, int lanes, bool scatter, const T* __restrict__ x,
                    const T* __restrict__ offset, const T* __restrict__ mask,
                    const T* __restrict__ weight, const T* __restrict__ grad_y,
                    float* __restrict__ grad_x, float* __restrict__ grad_offset,
                    float* __restrict__ grad_mask, float* __restrict__ weight_partial) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   const int taps = static_cast<int>(s.taps());
-  TapGeometry* geom = reinterpret_cast<TapGeometry*>(smem);
+  const int tile_pixels = tg.pixels;
+  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
+  TapGeometry* geom = reinterpret_cast<TapGeometry*>(pixel_of + tile_pixels);
   float* tap_sums = reinterpret_cast<float*>(geom + tile_pixels * taps);  // [pixel][tap][3]
   float* weight_sums = tap_sums + tile_pixels * taps * 3;                 // [threads][V*MB]
 
   const int64_t g = blockIdx.y;
-  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * tile_pixels;
-  const int pixels =
-      static_cast<int>(std::min<int64_t>(tile_pixels, s.n * s.ho * s.wo - first_pixel));
-  TileGeometry(s, offset, mask, first_pixel, pixels, g, geom);
+  TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
   for (int e = threadIdx.x; e < tile_pixels * taps * 3; e += blockDim.x) tap_sums[e] = 0.f;
   __syncthreads();
 
@@ -311,10 +338,10 @@ __global__ void __launch_bounds__(kMaxThreads)
         const T* wk = weight + k * cm;
         for (int round = 0; round < pixel_rounds; ++round) {
           const int lp = round * groups_of_pixels + pixel_group;
-          const bool active = channel_active && lp < pixels;
+          const int64_t pixel = lp < tile_pixels ? pixel_of[lp] : -1;
+          const bool active = channel_active && pixel >= 0;
           float sum_val = 0.f, sum_dy = 0.f, sum_dx = 0.f;
           if (active) {
-            const int64_t pixel = first_pixel + lp;
             const int64_t image = pixel / img_pixels;
             const TapGeometry t = geom[lp * taps + k];
             const Bilinear b = ToBilinear(t);
@@ -382,7 +409,7 @@ __global__ void __launch_bounds__(kMaxThreads)
             sum_val = SumOverLanes(sum_val, lanes);
             sum_dy = SumOverLanes(sum_dy, lanes);
             sum_dx = SumOverLanes(sum_dx, lanes);
-            if (lane == 0 && lp < pixels) {
+            if (lane == 0 && pixel >= 0) {
               float* ts = tap_sums + (lp * taps + k) * 3;
               ts[0] += sum_val;
               ts[1] += sum_dy;
@@ -417,8 +444,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     }
   }
-  for (int e = threadIdx.x; e < pixels * taps; e += blockDim.x) {
-    const int64_t pixel = first_pixel + e / taps;
+  for (int e = threadIdx.x; e < tile_pixels * taps; e += blockDim.x) {
+    const int64_t pixel = pixel_of[e / taps];
+    if (pixel < 0) continue;
     const int k = e % taps;
     const int64_t oi = OffsetIndex(s, pixel, g, k);
     grad_offset[oi] = tap_sums[e * 3 + 1];
@@ -611,23 +639,23 @@ cudaError_t DeterministicGradX(cudaStream_t stream, const ConvShape& s, int vec,
 // ------------------------------------------------------------------ launchers
 
 template <typename T>
-using ForwardFn = void (*)(ConvShape, int, int, const T*, const T*, const T*, const T*, const T*, T*);
+using ForwardFn = void (*)(ConvShape, TileGrid, int, const T*, const T*, const T*, const T*, const T*, T*);
 
 template <typename T>
 cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T* offset,
                     const T* mask, const T* weight, const T* bias, T* y) {
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec);
-  const size_t smem = p.tile_pixels * s.taps() * sizeof(TapGeometry);
+  const size_t smem = p.tile_pixels * (sizeof(int64_t) + s.taps() * sizeof(TapGeometry));
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
   ForwardFn<T> fn = p.vec == kVec ? ForwardKernel<T, kVec, 1>
                                   : (s.multiplier == 1 ? ForwardKernel<T, 1, 1> : ForwardKernel<T, 1, 4>);
-  fn<<<grid, p.threads, smem, stream>>>(s, p.lanes, p.tile_pixels, x, offset, mask, weight, bias, y);
+  fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, x, offset, mask, weight, bias, y);
   return cudaGetLastError();
 }
 
 template <typename T>
-using BackwardFn = void (*)(ConvShape, int, int, bool, const T*, const T*, const T*, const T*,
+using BackwardFn = void (*)(ConvShape, TileGrid, int, bool, const T*, const T*, const T*, const T*,
                             const T*, float*, float*, float*, float*);
 
 size_t WeightPartialBytes(const ConvShape& s, const Plan& p) {
@@ -641,7 +669,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec);
   const int mb = p.vec == kVec ? 1 : (s.multiplier == 1 ? 1 : 4);
-  const size_t smem = p.tile_pixels * s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float)) +
+  const size_t smem = p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))) +
                       p.threads * p.vec * mb * sizeof(float);
   auto* partial = static_cast<float*>(scratch);
   if (!deterministic) {
@@ -652,7 +680,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   BackwardFn<T> fn = p.vec == kVec ? BackwardKernel<T, kVec, 1>
                                    : (mb == 1 ? BackwardKernel<T, 1, 1> : BackwardKernel<T, 1, 4>);
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
-  fn<<<grid, p.threads, smem, stream>>>(s, p.lanes, p.tile_pixels, !deterministic, x, offset, mask,
+  fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, !deterministic, x, offset, mask,
                                         weight, grad_y, grad_x, grad_offset, grad_mask, partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
