@@ -305,7 +305,7 @@ def test_bad_options_are_named(kwargs, error, message):
 
 
 def test_empty_output_is_an_error():
-    with pytest.raises(ValueError, match=r"output would be empty.*gives an output of \(-1, -1\)"):
+    with pytest.raises(ValueError, match=r"output would be empty.*gives an output of \(-2, -2\)"):
         jax_deform.deform_conv2d(jnp.zeros((1, 2, 2, 4), jnp.float32),
                                  jnp.zeros((1, 1, 1, 50), jnp.float32),
                                  jnp.zeros((5, 5, 1, 4), jnp.float32))
