@@ -77,10 +77,11 @@ def _with_backward(forward):
     return fwd_bwd
 
 
-def _ours(implementation):
+def _ours(implementation, deterministic=False):
     def f(x, offset, mask, weight, bias):
         return jax_deform.deform_conv2d(x, offset, weight, mask, bias, padding=1,
-                                        implementation=implementation)
+                                        implementation=implementation,
+                                        deterministic=deterministic)
 
     return f
 
@@ -185,7 +186,8 @@ def run(shapes, dtypes, repeats=20, calls=10, with_reference=True, with_torch=Tr
                 contenders.insert(1, ("jax_deform xla reference", _ours("xla")))
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
-                for name, fn in contenders:
+                extra = [("jax_deform deterministic", _ours("ffi", True))] if backward else []
+                for name, fn in contenders + extra:
                     fn = _with_backward(fn) if backward else fn
                     n_calls = calls if name != "jax_deform xla reference" else 2
                     try:

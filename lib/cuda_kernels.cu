@@ -200,20 +200,58 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 
 // ------------------------------------------------------------------ forward
 
-// MB: output channels per input channel handled per pass (M > 1 runs in passes).
-template <typename T, int V, int MB>
+// What the forward needs of one (pixel, tap): corner pixel indices (-1 where
+// the corner lies outside the image and is not read) and weights with the
+// mask folded in. Two 16-byte shared-memory loads per tap.
+struct alignas(16) ForwardTap {
+  int corner[4];
+  float weight[4];
+};
+
+template <typename T>
+__device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
+                                const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
+                                ForwardTap* taps_out) {
+  const int taps = static_cast<int>(s.taps());
+  for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
+    pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
+  }
+  for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
+    const int64_t pixel = TilePixel(s, tg, blockIdx.x, e / taps);
+    if (pixel < 0) continue;
+    const TapGeometry t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
+    float wgt[4];
+    CornerWeights(ToBilinear(t), wgt);
+    ForwardTap f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f.corner[i] = (t.valid >> i) & 1u ? t.corner[i] : -1;
+      f.weight[i] = t.mask * wgt[i];
+    }
+    if (t.poison != 0.f || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
+      f.corner[0] = 0;
+      f.weight[0] = t.poison;
+    }
+    taps_out[e] = f;
+  }
+}
+
+// MB: output channels per input channel handled per pass (M > 1 runs in
+// passes). KT: the tap count when known at compile time (3x3), so the
+// depthwise weights of a thread's channels stay in registers.
+template <typename T, int V, int MB, int KT>
 __global__ void __launch_bounds__(kMaxThreads)
     ForwardKernel(ConvShape s, TileGrid tg, int lanes, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask,
                   const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
-  TapGeometry* geom = reinterpret_cast<TapGeometry*>(pixel_of + tg.pixels);
+  ForwardTap* tap_table = reinterpret_cast<ForwardTap*>(pixel_of + ((tg.pixels + 1) & ~1));
   const int64_t g = blockIdx.y;
-  TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
+  ForwardTileTaps(s, tg, offset, mask, g, pixel_of, tap_table);
   __syncthreads();
 
-  const int taps = static_cast<int>(s.taps());
+  const int taps = KT > 0 ? KT : static_cast<int>(s.taps());
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
   const int vectors = static_cast<int>(cg / V);
@@ -221,6 +259,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t j0 = 0; j0 < m; j0 += MB) {
     for (int vec = lane; vec < vectors; vec += lanes) {
       const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
+      float w_reg[KT > 0 ? KT : 1][V];
+      if constexpr (KT > 0 && MB == 1) {
+#pragma unroll
+        for (int k = 0; k < KT; ++k) LoadVec<T, V>(weight + k * cm + c, w_reg[k]);
+      }
       for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += groups_of_pixels) {
         const int64_t pixel = pixel_of[lp];
         if (pixel < 0) continue;
@@ -228,53 +271,51 @@ __global__ void __launch_bounds__(kMaxThreads)
         float acc[V * MB];
 #pragma unroll
         for (int i = 0; i < V * MB; ++i) acc[i] = 0.f;
-        const TapGeometry* tg = geom + lp * taps;
-#pragma unroll 3
+        const ForwardTap* tt = tap_table + lp * taps;
+#pragma unroll(KT > 0 ? KT : 3)
         for (int k = 0; k < taps; ++k) {
-          const TapGeometry t = tg[k];
-          float wgt[4];
-          CornerWeights(ToBilinear(t), wgt);
+          const ForwardTap t = tt[k];
           float val[V];
 #pragma unroll
-          for (int v = 0; v < V; ++v) val[v] = t.poison;
+          for (int v = 0; v < V; ++v) val[v] = 0.f;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            if (!((t.valid >> i) & 1u)) continue;
+            if (t.corner[i] < 0) continue;
             float corner[V];
             LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c, corner);
 #pragma unroll
-            for (int v = 0; v < V; ++v) val[v] += wgt[i] * corner[v];
+            for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
           }
-          const T* wk = weight + k * cm;
           if constexpr (MB == 1) {
-            if (m == 1) {
-              float wv[V];
-              LoadVec<T, V>(wk + c, wv);
+            float wv[V];
+            if constexpr (KT > 0) {
 #pragma unroll
-              for (int v = 0; v < V; ++v) acc[v] += t.mask * val[v] * wv[v];
-              continue;
+              for (int v = 0; v < V; ++v) wv[v] = w_reg[k][v];
+            } else {
+              LoadVec<T, V>(weight + k * cm + c, wv);
             }
-          }
 #pragma unroll
-          for (int v = 0; v < V; ++v) {
+            for (int v = 0; v < V; ++v) acc[v] += val[v] * wv[v];
+          } else {
+            const T* wk = weight + k * cm;
 #pragma unroll
-            for (int jj = 0; jj < MB; ++jj) {
-              if (j0 + jj < m) acc[v * MB + jj] += t.mask * val[v] * ToF(wk[(c + v) * m + j0 + jj]);
+            for (int v = 0; v < V; ++v) {
+#pragma unroll
+              for (int jj = 0; jj < MB; ++jj) {
+                if (j0 + jj < m) acc[v * MB + jj] += val[v] * ToF(wk[(c + v) * m + j0 + jj]);
+              }
             }
           }
         }
         T* yp = y + pixel * cm;
-        if (MB == 1 && m == 1) {
+        if constexpr (MB == 1) {  // M == 1: V consecutive outputs
           if (bias) {
             float bv[V];
             LoadVec<T, V>(bias + c, bv);
 #pragma unroll
             for (int v = 0; v < V; ++v) acc[v] += bv[v];
           }
-          float out[V];
-#pragma unroll
-          for (int v = 0; v < V; ++v) out[v] = acc[v];
-          StoreVec<T, V>(yp + c, out);
+          StoreVec<T, V>(yp + c, acc);
         } else {
 #pragma unroll
           for (int v = 0; v < V; ++v) {
@@ -646,10 +687,17 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
                     const T* mask, const T* weight, const T* bias, T* y) {
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec);
-  const size_t smem = p.tile_pixels * (sizeof(int64_t) + s.taps() * sizeof(TapGeometry));
+  const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) +
+                      p.tile_pixels * s.taps() * sizeof(ForwardTap);
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
-  ForwardFn<T> fn = p.vec == kVec ? ForwardKernel<T, kVec, 1>
-                                  : (s.multiplier == 1 ? ForwardKernel<T, 1, 1> : ForwardKernel<T, 1, 4>);
+  ForwardFn<T> fn;
+  if (s.multiplier != 1) {
+    fn = ForwardKernel<T, 1, 4, 0>;
+  } else if (p.vec == kVec) {
+    fn = s.taps() == 9 ? ForwardKernel<T, kVec, 1, 9> : ForwardKernel<T, kVec, 1, 0>;
+  } else {
+    fn = s.taps() == 9 ? ForwardKernel<T, 1, 1, 9> : ForwardKernel<T, 1, 1, 0>;
+  }
   fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, x, offset, mask, weight, bias, y);
   return cudaGetLastError();
 }
