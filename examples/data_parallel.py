@@ -107,7 +107,11 @@ def forward(params, images, implementation=None):
 
 def loss_fn(params, images, labels, implementation=None):
     logits = forward(params, images, implementation)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    # A one-hot product rather than an integer-label gather: elementwise ops keep
+    # the batch sharding under Explicit axes, where a gather's gradient (a
+    # scatter) has no unambiguous output sharding on some jax versions.
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return jnp.mean(optax.softmax_cross_entropy(logits, one_hot))
 
 
 # ------------------------------------------------------------------ setup

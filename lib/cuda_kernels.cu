@@ -241,7 +241,7 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
 // depthwise weights of a thread's channels stay in registers.
 template <typename T, int V, int MB, int KT>
 __global__ void __launch_bounds__(kMaxThreads)
-    ForwardKernel(ConvShape s, TileGrid tg, int lanes, const T* __restrict__ x,
+    ForwardKernel(ConvShape s, TileGrid tg, int lanes, int vectors_per_split, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask,
                   const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -254,10 +254,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int taps = KT > 0 ? KT : static_cast<int>(s.taps());
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
-  const int vectors = static_cast<int>(cg / V);
+  // Small problems also split the channels of a group over grid.z, to fill the GPU.
+  const int vec_begin = blockIdx.z * vectors_per_split;
+  const int vec_end = min(static_cast<int>(cg / V), vec_begin + vectors_per_split);
   const int lane = threadIdx.x % lanes, groups_of_pixels = blockDim.x / lanes;
   for (int64_t j0 = 0; j0 < m; j0 += MB) {
-    for (int vec = lane; vec < vectors; vec += lanes) {
+    for (int vec = vec_begin + lane; vec < vec_end; vec += lanes) {
       const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
       float w_reg[KT > 0 ? KT : 1][V];
       if constexpr (KT > 0 && MB == 1) {
@@ -680,7 +682,7 @@ cudaError_t DeterministicGradX(cudaStream_t stream, const ConvShape& s, int vec,
 // ------------------------------------------------------------------ launchers
 
 template <typename T>
-using ForwardFn = void (*)(ConvShape, TileGrid, int, const T*, const T*, const T*, const T*, const T*, T*);
+using ForwardFn = void (*)(ConvShape, TileGrid, int, int, const T*, const T*, const T*, const T*, const T*, T*);
 
 template <typename T>
 cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T* offset,
@@ -689,7 +691,20 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
   const Plan p = MakePlan(s, kVec);
   const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) +
                       p.tile_pixels * s.taps() * sizeof(ForwardTap);
-  const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
+  // Enough blocks for about two waves: split the channels when tiles are few.
+  static int sm_count = [] {
+    int device = 0, count = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    return count;
+  }();
+  const int64_t vectors = s.channels_per_group() / p.vec;
+  const int64_t lane_rounds = (vectors + p.lanes - 1) / p.lanes;
+  const int64_t want = (2 * sm_count + p.tiles * s.groups - 1) / (p.tiles * s.groups);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, lane_rounds, 65535}));
+  const int vectors_per_split = static_cast<int>((lane_rounds + splits - 1) / splits) * p.lanes;
+  const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups),
+                  static_cast<unsigned>((vectors + vectors_per_split - 1) / vectors_per_split));
   ForwardFn<T> fn;
   if (s.multiplier != 1) {
     fn = ForwardKernel<T, 1, 4, 0>;
@@ -698,7 +713,8 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
   } else {
     fn = s.taps() == 9 ? ForwardKernel<T, 1, 1, 9> : ForwardKernel<T, 1, 1, 0>;
   }
-  fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, x, offset, mask, weight, bias, y);
+  fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, vectors_per_split, x, offset, mask,
+                                        weight, bias, y);
   return cudaGetLastError();
 }
 
