@@ -176,8 +176,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         if not m:
             continue
         result = m.group("type")
-        if m.group("start") and m.group("op") != "all-reduce":
-            # e.g. all-gather-start gives ((operands), (results)): keep the results
+        if m.group("start") and (m.group("op") != "all-reduce" or result.startswith("((")):
+            # An async start can type as ((operands), (results)) (all-gather-start
+            # always; a combined all-reduce-start on GPU too): keep the results.
             result = result.split("),", 1)[-1]
         size = sum(_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
                    for dt, dims in _ARRAY.findall(result))

@@ -50,9 +50,11 @@ def test_collective_accounting():
   %ag = bf16[8,4]{1,0} all-gather(%x), dimensions={0}
   %ars = f32[4]{0} all-reduce-start(%y), channel_id=2
   %ard = f32[4]{0} all-reduce-done(%ars)
+  %arc = ((f32[], f32[8]{0}), (f32[], f32[8]{0})) all-reduce-start(%p, %q), channel_id=3
+  %ardc = (f32[], f32[8]{0}) all-reduce-done(%arc)
 """
     assert dp.collectives(hlo) == {
-        "all-reduce": {"count": 2, "bytes": 4 + 64 + 576 + 16},
+        "all-reduce": {"count": 3, "bytes": 4 + 64 + 576 + 16 + 4 + 32},
         "all-gather": {"count": 1, "bytes": 64},
     }
 
