@@ -107,7 +107,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCuda, jax_deform::ForwardImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // weight
                                   .Arg<xla::ffi::AnyBuffer>()  // bias, empty if none
                                   .Ret<xla::ffi::AnyBuffer>()  // y
-                                  .JAX_DEFORM_CONV_ATTRS);
+                                  .JAX_DEFORM_CONV_ATTRS,
+                              // Only stream-ordered launches and memsets: safe to capture.
+                              {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
                               xla::ffi::Ffi::Bind()
@@ -122,4 +124,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_mask
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_weight
                                   .Ret<xla::ffi::Buffer<xla::ffi::U8>>()   // workspace
-                                  .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"));
+                                  .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,235 @@
+"""Hostile inputs: NaN/inf/huge offsets, NaN/inf data, random problems from
+hypothesis, concurrency and repeated calls. On the CPU and (gpu marker) CUDA."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jax_deform
+from jax_deform import reference
+from tests.helpers import DEVICES, device_of, make_problem, rel_err
+
+pytestmark = pytest.mark.skipif(
+    not jax_deform.kernel_platforms(), reason="jax_deform extension not built"
+)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return device_of(request.param)
+
+
+def _ffi(*args, **kw):
+    return jax_deform.deform_conv2d(*args, implementation="ffi", **kw)
+
+
+def _ref64(p, offset=None, x=None):
+    args = [p.x if x is None else x, p.offset if offset is None else offset, p.weight, p.mask, p.bias]
+    return reference.deform_conv2d(*[jnp.asarray(a, jnp.float64) for a in args], **p.kwargs())
+
+
+def _assert_same_nans_and_close(got, want, tol=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    if finite.any():  # (a NaN offset in every group makes grad_weight all NaN, rightly)
+        assert rel_err(got[finite], want[finite]) < tol
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, 1e30, -1e30, 3e9, np.nan])
+def test_extreme_offsets(rng, device, value):
+    p = make_problem(rng, c=8, groups=2)
+    hostile = p.offset.copy()
+    hit = rng.random(hostile.shape) < 0.2
+    hostile[hit] = value
+    x, _, weight, mask, bias = p.args(np.float32, device)
+    y = _ffi(x, jax.device_put(jnp.asarray(hostile, jnp.float32), device), weight, mask, bias,
+             **p.kwargs())
+    want = _ref64(p, offset=hostile)
+    if np.isnan(value):
+        assert np.isnan(np.asarray(y)).any()  # the divergence is visible...
+    _assert_same_nans_and_close(y, want)      # ...exactly where the oracle has it
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan, 1e30])
+def test_extreme_offsets_backward(rng, device, value):
+    p = make_problem(rng, c=8, groups=2)
+    hostile = p.offset.copy()
+    hostile[rng.random(hostile.shape) < 0.2] = value
+    p.offset = hostile
+    args = p.args(np.float32, device)
+    cot = rng.standard_normal(p.expected().shape)
+
+    def loss(conv, *a):
+        return jnp.sum(conv(*a, **p.kwargs()) * cot)
+
+    got = jax.grad(lambda *a: loss(_ffi, *a), argnums=(0, 2, 4))(*args)
+    want = jax.grad(lambda *a: loss(reference.deform_conv2d, *a), argnums=(0, 2, 4))(
+        *[None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in args])
+    for g, w in zip(got, want):  # grad_x, grad_weight, grad_bias
+        _assert_same_nans_and_close(g, w)
+    g_off = np.asarray(jax.grad(lambda o: loss(_ffi, args[0], o, *args[2:]))(args[1]))
+    if np.isnan(value):
+        # NaN sample positions give NaN offset gradients there (and only there).
+        nan_taps = np.isnan(hostile).reshape(hostile.shape[:-1] + (-1, 2)).any(-1)
+        np.testing.assert_array_equal(
+            np.isnan(g_off).reshape(nan_taps.shape + (2,)).any(-1), nan_taps)
+    else:
+        assert np.isfinite(g_off).all()
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_nonfinite_data_propagates_like_ieee(rng, device, value):
+    p = make_problem(rng, c=4)
+    x = p.x.copy()
+    x[0, 3, 4, 1] = value
+    args = list(p.args(np.float32, device))
+    args[0] = jax.device_put(jnp.asarray(x, jnp.float32), device)
+    y = np.asarray(_ffi(*args, **p.kwargs()))
+    want = np.asarray(_ref64(p, x=x))
+    # inf and NaN both mark "touched the bad pixel"; compare that pattern and the rest.
+    _assert_same_nans_and_close(np.where(np.isinf(y), np.nan, y),
+                                np.where(np.isinf(want), np.nan, want))
+    # only channel 1 (and only outputs whose samples read that pixel) can change
+    assert np.isfinite(np.asarray(y)[..., [0, 2, 3]]).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
+    groups=st.sampled_from([1, 2, 3]), cg=st.integers(1, 4), multiplier=st.integers(1, 3),
+    kh=st.integers(1, 4), kw=st.integers(1, 4), stride=st.integers(1, 3),
+    dilation=st.integers(1, 2), pad=st.integers(0, 3), with_mask=st.booleans(),
+    with_bias=st.booleans(), offsets=st.sampled_from(["random", "integer", "half"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_problems_match_the_oracle(n, h, w, groups, cg, multiplier, kh, kw, stride,
+                                          dilation, pad, with_mask, with_bias, offsets, seed):
+    if (h + 2 * pad - dilation * (kh - 1) - 1) < 0 or (w + 2 * pad - dilation * (kw - 1) - 1) < 0:
+        return  # empty output: covered by the error tests
+    rng = np.random.default_rng(seed)
+    p = make_problem(rng, n=n, h=h, w=w, c=groups * cg, kernel=(kh, kw), stride=stride,
+                     padding=pad, dilation=dilation, groups=groups, multiplier=multiplier,
+                     with_mask=with_mask, with_bias=with_bias, offsets=offsets)
+    args = p.args(np.float32)
+    assert rel_err(_ffi(*args, **p.kwargs()), p.expected()) < 1e-5
+    cot = rng.standard_normal(p.expected().shape)
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+    got = jax.grad(lambda *a: jnp.sum(_ffi(*a, **p.kwargs()) * cot), argnums)(*args)
+    want = jax.grad(lambda *a: jnp.sum(reference.deform_conv2d(*a, **p.kwargs()) * cot), argnums)(
+        *[None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in args])
+    for g, wnt in zip(got, want):
+        assert rel_err(g, wnt) < 1e-4
+
+
+def test_calls_from_many_threads(rng, device):
+    problems = [make_problem(rng, c=8, groups=2) for _ in range(8)]
+    f = jax.jit(lambda *a: _ffi(*a, **problems[0].kwargs()))
+    results = [None] * len(problems)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = np.asarray(f(*problems[i].args(np.float32, device)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p, y in zip(problems, results):
+        assert rel_err(y, p.expected()) < 1e-5
+
+
+def test_jit_with_donation(rng, device):
+    p = make_problem(rng, c=8)
+    args = p.args(np.float32, device)
+    f = jax.jit(lambda x, *rest: _ffi(x, *rest, **p.kwargs()), donate_argnums=0)
+    assert rel_err(f(*args), p.expected()) < 1e-5
+
+
+@pytest.mark.gpu
+def test_repeated_calls_do_not_leak_device_memory(rng):
+    device = device_of("gpu")
+    p = make_problem(rng, n=2, h=16, w=16, c=32)
+    args = p.args(np.float32, device)
+    step = jax.jit(jax.grad(lambda *a: jnp.sum(_ffi(*a, **p.kwargs())), argnums=(0, 1, 2, 3, 4)))
+    jax.block_until_ready(step(*args))
+    before = device.memory_stats()["bytes_in_use"]
+    for _ in range(1000):
+        out = step(*args)
+    jax.block_until_ready(out)
+    del out
+    assert device.memory_stats()["bytes_in_use"] <= before + (1 << 20)
+
+
+@pytest.mark.gpu
+def test_more_than_2_to_the_31_elements():
+    # bf16 x and y of 2.16e9 elements each. Integer offsets make every sample an
+    # exact pixel, so outputs can be checked directly at scattered positions.
+    device = device_of("gpu")
+    n, h, w, c = 2, 1024, 1024, 1032
+    assert n * h * w * c > 2**31
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (n, h, w, c), jnp.bfloat16)
+    shift = jax.random.randint(jax.random.PRNGKey(1), (n, h, w, 18), -1, 2).astype(jnp.bfloat16)
+    weight = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 1, c), jnp.bfloat16)
+    x, shift, weight = (jax.device_put(a, device) for a in (x, shift, weight))
+    y = _ffi(x, shift, weight, padding=1)
+    assert y.shape == (n, h, w, c)
+    rng = np.random.default_rng(0)
+    points = [(n - 1, h - 1, w - 1), (n - 1, h - 2, 5), (1, 700, 1000)] + [
+        tuple(int(v) for v in rng.integers(0, (n, h, w))) for _ in range(5)]
+    wk = np.asarray(weight, np.float64).reshape(9, c)
+    for b, oy, ox in points:
+        s = np.asarray(shift[b, oy, ox], np.float64).reshape(9, 2)
+        want = np.zeros(c)
+        for k in range(9):
+            yy, xx = oy - 1 + k // 3 + int(s[k, 0]), ox - 1 + k % 3 + int(s[k, 1])
+            if 0 <= yy < h and 0 <= xx < w:
+                want += wk[k] * np.asarray(x[b, yy, xx], np.float64)
+        got = np.asarray(y[b, oy, ox], np.float64)
+        assert np.abs(got - want).max() < 0.05 * (np.abs(want).max() + 1)
+
+
+_CAPTURE_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp
+import jax_deform
+d = np.load(sys.argv[1])
+def loss(x, o, w, m, b):
+    return jnp.sum(jax_deform.deform_conv2d(x, o, w, m, b, padding=1, implementation="ffi",
+                                            deterministic=True) * d["cot"])
+f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+args = [jnp.asarray(d[k], jnp.float32) for k in ("x", "o", "w", "m", "b")]
+for _ in range(3):  # replays of the captured graph
+    value, grads = f(*args)
+np.savez(sys.argv[2], value=value, *[np.asarray(g) for g in grads])
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", ["--xla_gpu_enable_command_buffer=", (
+    "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1")])
+def test_correct_inside_xla_command_buffers(rng, tmp_path, flags):
+    import os
+    import subprocess
+    import sys
+
+    p = make_problem(rng, n=2, h=12, w=12, c=16, groups=2)
+    cot = rng.standard_normal(p.expected().shape)
+    np.savez(tmp_path / "in.npz", x=p.x, o=p.offset, w=p.weight, m=p.mask, b=p.bias, cot=cot)
+    env = dict(os.environ, XLA_FLAGS=flags)
+    subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT, str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], check=True, env=env, timeout=300)
+    out = np.load(tmp_path / "out.npz")
+    args = [jnp.asarray(np.asarray(a, np.float64)) for a in (p.x, p.offset, p.weight, p.mask, p.bias)]
+    want = jax.grad(lambda *a: jnp.sum(reference.deform_conv2d(*a, padding=1) * cot),
+                    argnums=(0, 1, 2, 3, 4))(*args)
+    for i, w in enumerate(want):
+        assert rel_err(out[f"arr_{i}"], w) < 1e-5
