@@ -143,24 +143,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer o
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCpu, jax_deform::ForwardImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // offset
-                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
-                                  .Arg<xla::ffi::AnyBuffer>()  // weight
-                                  .Arg<xla::ffi::AnyBuffer>()  // bias, empty if none
-                                  .Ret<xla::ffi::AnyBuffer>()  // y
-                                  .JAX_DEFORM_CONV_ATTRS);
+                                  .JAX_DEFORM_FORWARD_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCpu, jax_deform::BackwardImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // offset
-                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
-                                  .Arg<xla::ffi::AnyBuffer>()  // weight
-                                  .Arg<xla::ffi::AnyBuffer>()  // grad_y
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_x
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_offset
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_mask
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_weight
+                                  .JAX_DEFORM_BACKWARD_OPERANDS
                                   .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"));

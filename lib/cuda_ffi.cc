@@ -98,31 +98,18 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
 }  // namespace
 }  // namespace jax_deform
 
+// Both handlers only enqueue kernels and memsets on XLA's stream (no host
+// synchronization, no allocation): safe to capture in command buffers.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCuda, jax_deform::ForwardImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // offset
-                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
-                                  .Arg<xla::ffi::AnyBuffer>()  // weight
-                                  .Arg<xla::ffi::AnyBuffer>()  // bias, empty if none
-                                  .Ret<xla::ffi::AnyBuffer>()  // y
-                                  .JAX_DEFORM_CONV_ATTRS,
-                              // Only stream-ordered launches and memsets: safe to capture.
+                                  .JAX_DEFORM_FORWARD_SIGNATURE,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // offset
-                                  .Arg<xla::ffi::AnyBuffer>()  // mask, empty if none
-                                  .Arg<xla::ffi::AnyBuffer>()  // weight
-                                  .Arg<xla::ffi::AnyBuffer>()  // grad_y
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_x
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_offset
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_mask
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // grad_weight
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()   // workspace
+                                  .JAX_DEFORM_BACKWARD_OPERANDS
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()  // workspace
                                   .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -65,4 +65,27 @@ inline ffi::Error MakeConvShape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& o
   Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h")   \
       .Attr<int64_t>("pad_w").Attr<int64_t>("dil_h").Attr<int64_t>("dil_w")
 
+// Operands and results shared by the CPU and CUDA bindings (after their
+// platform context): forward (x, offset, mask, weight, bias) -> y; backward
+// (x, offset, mask, weight, grad_y) -> float32 grads of x, offset, mask, weight.
+// An absent mask or bias is an empty buffer.
+#define JAX_DEFORM_FORWARD_SIGNATURE                                           \
+  Arg<xla::ffi::AnyBuffer>()                                                   \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Ret<xla::ffi::AnyBuffer>()                                              \
+      .JAX_DEFORM_CONV_ATTRS
+#define JAX_DEFORM_BACKWARD_OPERANDS                                           \
+  Arg<xla::ffi::AnyBuffer>()                                                   \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                                  \
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                                  \
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                                  \
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+
 #endif  // JAX_DEFORM_FFI_SHAPES_H_
