@@ -10,9 +10,6 @@ import pytest
 import jax_deform
 from tests.helpers import DEVICES, device_of, make_problem, rel_err
 
-pytestmark = pytest.mark.skipif(
-    not jax_deform.kernel_platforms(), reason="jax_deform extension not built"
-)
 RUNS = 20
 
 

@@ -16,9 +16,6 @@ import jax_deform
 from jax_deform import reference
 from tests.helpers import DEVICES, device_of, make_problem, rel_err
 
-pytestmark = pytest.mark.skipif(
-    not jax_deform.kernel_platforms(), reason="jax_deform extension not built"
-)
 
 
 @pytest.fixture(params=DEVICES)
