@@ -21,8 +21,14 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jax_deform.api import deform_conv2d
-from jax_deform.nnx import PaddingLike, _pair, check_common, normalize_padding, split_prediction
+from jax_deform.nnx import (
+    PaddingLike,
+    _pair,
+    check_common,
+    deform_conv_in_dtype,
+    normalize_padding,
+    split_prediction,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -136,13 +142,13 @@ class DeformConv(nn.Module):
             offset, mask = split_prediction(pred, self.offset_groups, kh * kw, self.modulated)
         elif offset is None:
             raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
-        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
-        return deform_conv2d(
-            cast(x),
-            cast(offset),
-            cast(kernel),
-            cast(mask),
-            cast(bias),
+        return deform_conv_in_dtype(
+            dtype,
+            x,
+            offset,
+            kernel,
+            mask,
+            bias,
             stride=strides,
             padding=padding,
             dilation=dilation,

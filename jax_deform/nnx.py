@@ -114,6 +114,13 @@ def split_prediction(pred: Array, offset_groups: int, taps: int, modulated: bool
     return offset, mask
 
 
+def deform_conv_in_dtype(dtype, x, offset, kernel, mask, bias, **kwargs) -> Array:
+    """deform_conv2d with every operand cast to the layer's computation dtype
+    (the op wants one dtype throughout); shared by the NNX and Linen layers."""
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+    return deform_conv2d(cast(x), cast(offset), cast(kernel), cast(mask), cast(bias), **kwargs)
+
+
 class DeformConv(nnx.Module):
     """Depthwise deformable convolution (DCNv1, or DCNv2 with ``modulated=True``).
 
@@ -272,13 +279,13 @@ class DeformConv(nnx.Module):
             offset, mask = self.sampling_offsets(x)
         elif offset is None:
             raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
-        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
-        return deform_conv2d(
-            cast(x),
-            cast(offset),
-            cast(kernel),
-            cast(mask),
-            cast(bias),
+        return deform_conv_in_dtype(
+            dtype,
+            x,
+            offset,
+            kernel,
+            mask,
+            bias,
             stride=self.strides,
             padding=self.padding,
             dilation=self.kernel_dilation,
