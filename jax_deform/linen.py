@@ -27,6 +27,7 @@ from jax_deform.nnx import (
     check_common,
     deform_conv_in_dtype,
     normalize_padding,
+    offsets_for_call,
     split_prediction,
 )
 
@@ -120,12 +121,7 @@ class DeformConv(nn.Module):
             else None
         )
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
-        if self.predict_offsets:
-            if offset is not None or mask is not None:
-                raise ValueError(
-                    "this DeformConv predicts its own offsets; use predict_offsets=False "
-                    "to pass offset/mask"
-                )
+        def predict():
             pred = nn.Conv(
                 (3 if self.modulated else 2) * self.offset_groups * kh * kw,
                 (kh, kw),
@@ -139,9 +135,9 @@ class DeformConv(nn.Module):
                 bias_init=self.offset_bias_init,
                 name="offset_conv",
             )(x)
-            offset, mask = split_prediction(pred, self.offset_groups, kh * kw, self.modulated)
-        elif offset is None:
-            raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
+            return split_prediction(pred, self.offset_groups, kh * kw, self.modulated)
+
+        offset, mask = offsets_for_call(self.predict_offsets, offset, mask, predict)
         return deform_conv_in_dtype(
             dtype,
             x,

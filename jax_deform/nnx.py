@@ -114,6 +114,21 @@ def split_prediction(pred: Array, offset_groups: int, taps: int, modulated: bool
     return offset, mask
 
 
+def offsets_for_call(predict_offsets: bool, offset, mask, predict: Callable[[], tuple]):
+    """The (offset, mask) a layer call uses: predicted by ``predict()`` when the
+    layer predicts its own, else the caller's; shared by the NNX and Linen layers."""
+    if predict_offsets:
+        if offset is not None or mask is not None:
+            raise ValueError(
+                "this DeformConv predicts its own offsets; build it with "
+                "predict_offsets=False to pass offset/mask"
+            )
+        return predict()
+    if offset is None:
+        raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
+    return offset, mask
+
+
 def deform_conv_in_dtype(dtype, x, offset, kernel, mask, bias, **kwargs) -> Array:
     """deform_conv2d with every operand cast to the layer's computation dtype
     (the op wants one dtype throughout); shared by the NNX and Linen layers."""
@@ -270,15 +285,9 @@ class DeformConv(nnx.Module):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
-        if self.predict_offsets:
-            if offset is not None or mask is not None:
-                raise ValueError(
-                    "this DeformConv predicts its own offsets; build it with "
-                    "predict_offsets=False to pass offset/mask"
-                )
-            offset, mask = self.sampling_offsets(x)
-        elif offset is None:
-            raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
+        offset, mask = offsets_for_call(
+            self.predict_offsets, offset, mask, lambda: self.sampling_offsets(x)
+        )
         return deform_conv_in_dtype(
             dtype,
             x,
