@@ -60,20 +60,67 @@ class Layout:
         return self.kh * self.kw
 
 
-def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+def is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (True would pass as 1 otherwise)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _static_hint(value) -> str:
+    # A jax array here usually means the geometry was passed through jit as a
+    # traced argument; it has to be a static Python value.
+    return " (it must be static: Python ints, not an array)" if hasattr(value, "shape") else ""
+
+
+def _pair(
+    name: str, value: IntPair, minimum: int, type_error: type[Exception] = TypeError
+) -> tuple[int, int]:
+    """``(a, b)`` from an int or a pair; ``type_error`` lets the Flax layers keep
+    raising ValueError for every bad argument, as they always have."""
+    if is_int(value):
         pair = (int(value), int(value))
-    elif (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
-    ):
+    elif isinstance(value, Sequence) and len(value) == 2 and all(is_int(v) for v in value):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise type_error(
+            f"{name} must be an int or a pair of ints, got {value!r}{_static_hint(value)}"
+        )
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair
+
+
+PADDING_FORMS = "'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right))"
+
+
+def padding_spec(
+    padding: Padding, type_error: type[Exception] = TypeError
+) -> Union[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``, checked.
+
+    Errors always show the whole ``padding`` the caller gave, not a part of it.
+    ``type_error`` as for `_pair`.
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be {PADDING_FORMS}, got {padding!r}")
+        return mode
+    pads = None
+    if is_int(padding):
+        pads = ((int(padding),) * 2,) * 2
+    elif isinstance(padding, Sequence) and len(padding) == 2:
+        if all(is_int(p) for p in padding):
+            pads = tuple((int(p), int(p)) for p in padding)
+        elif all(isinstance(p, Sequence) and len(p) == 2 and all(is_int(q) for q in p)
+                 for p in padding):
+            pads = tuple((int(p[0]), int(p[1])) for p in padding)
+    if pads is None:
+        raise type_error(
+            f"padding must be {PADDING_FORMS}, got {padding!r}{_static_hint(padding)}"
+        )
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return pads  # type: ignore[return-value]
 
 
 def _padding(
@@ -84,34 +131,30 @@ def _padding(
     dilation: tuple[int, int],
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Returns ((top, bottom), (left, right))."""
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
-            return (0, 0), (0, 0)
-        if mode == "SAME":
-            pads = []
-            for size, k, s, d in zip(in_hw, kernel, stride, dilation):
-                out = -(-size // s)
-                total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-                pads.append((total // 2, total - total // 2))
-            return pads[0], pads[1]
-        raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
-    if isinstance(padding, (int, np.integer)) or (
-        isinstance(padding, Sequence) and all(isinstance(p, (int, np.integer)) for p in padding)
-    ):
-        ph, pw = _pair("padding", padding, 0)
-        return (ph, ph), (pw, pw)
-    if (
-        isinstance(padding, Sequence)
-        and len(padding) == 2
-        and all(isinstance(p, Sequence) and len(p) == 2 for p in padding)
-    ):
-        (t, b), (l, r) = _pair("padding", padding[0], 0), _pair("padding", padding[1], 0)
-        return (t, b), (l, r)
-    raise TypeError(
-        "padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), "
-        f"got {padding!r}"
-    )
+    spec = padding_spec(padding)
+    if spec == "VALID":
+        return (0, 0), (0, 0)
+    if spec == "SAME":
+        pads = []
+        for size, k, s, d in zip(in_hw, kernel, stride, dilation):
+            out = -(-size // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        return pads[0], pads[1]
+    return spec  # type: ignore[return-value]
+
+
+def check_implementation(implementation: str | None) -> None:
+    if not isinstance(implementation, (str, type(None))) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of None, 'auto', 'ffi', 'xla'; got {implementation!r}"
+        )
+
+
+def check_deterministic(deterministic: bool | None) -> None:
+    # bool() of a string or array would silently pick a mode (bool("no") is True).
+    if deterministic is not None and not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be True, False or None, got {deterministic!r}")
 
 
 def _check_dtypes(arrays: dict) -> np.dtype:
@@ -125,10 +168,9 @@ def _check_dtypes(arrays: dict) -> np.dtype:
     return x_dtype
 
 
-def _expect_shape(name: str, got: tuple, want: tuple, hint: str = "") -> None:
+def _expect_shape(name: str, got: tuple, want: tuple, letters: str) -> None:
     if tuple(got) != tuple(want):
-        extra = f" ({hint})" if hint else ""
-        raise ValueError(f"{name} has shape {tuple(got)} but expected {tuple(want)}{extra}")
+        raise ValueError(f"{name} has shape {tuple(got)} but expected {tuple(want)} = {letters}")
 
 
 def check_arguments(
@@ -138,12 +180,16 @@ def check_arguments(
 
     Shapes are read in the caller's data_format; Layout is in NHWC terms.
     """
-    if data_format not in ("NHWC", "NCHW"):
+    if not isinstance(data_format, str) or data_format not in ("NHWC", "NCHW"):
         raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}")
     nchw = data_format == "NCHW"
     for name, arr in (("x", x), ("offset", offset), ("weight", weight)):
         if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
+    # Before the dtype check, which reads .dtype of every operand.
+    for name, arr in (("mask", mask), ("bias", bias)):
+        if arr is not None and (not hasattr(arr, "shape") or not hasattr(arr, "dtype")):
+            raise TypeError(f"{name} must be an array or None, got {type(arr).__name__}")
     _check_dtypes(dict(x=x, offset=offset, weight=weight, mask=mask, bias=bias))
 
     def nhwc(shape):
@@ -152,18 +198,28 @@ def check_arguments(
     def in_format(shape):
         return (shape[0], shape[3], shape[1], shape[2]) if nchw else tuple(shape)
 
+    def letters(channels: str) -> str:
+        """An (N, Ho, Wo, channels) shape in the caller's axis order."""
+        return f"(N, {channels}, Ho, Wo)" if nchw else f"(N, Ho, Wo, {channels})"
+
     axes = "(N, C, H, W)" if nchw else "(N, H, W, C)"
     if x.ndim != 4:
         raise ValueError(f"x must be rank 4 {axes}, got shape {tuple(x.shape)}")
     n, h, w, c = nhwc(x.shape)
+    if c == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)} but expected {axes} with C >= 1")
     if weight.ndim != 4 or weight.shape[2] != 1 or weight.shape[3] % c or weight.shape[3] == 0:
         raise ValueError(
-            f"weight has shape {tuple(weight.shape)} but expected (kh, kw, 1, C*M) with C = {c} "
-            "(an HWIO depthwise kernel, as lax.conv_general_dilated with feature_group_count=C)"
+            f"weight has shape {tuple(weight.shape)} but expected (kh, kw, 1, C*M) with C = {c}, "
+            f"the channels of x {axes} (an HWIO depthwise kernel, as lax.conv_general_dilated "
+            "with feature_group_count=C)"
         )
     kh, kw, _, cm = weight.shape
     if kh < 1 or kw < 1:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}: kernel size must be >= 1")
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} but expected (kh, kw, 1, C*M) "
+            "with kh, kw >= 1"
+        )
     stride_ = _pair("stride", stride, 1)
     dilation_ = _pair("dilation", dilation, 1)
     (pt, pb), (pl, pr) = _padding(padding, (h, w), (kh, kw), stride_, dilation_)
@@ -178,31 +234,27 @@ def check_arguments(
     taps = kh * kw
     if offset.ndim != 4:
         raise ValueError(
-            f"offset must be rank 4, got shape {tuple(offset.shape)}; expected "
-            f"{in_format((n, ho, wo, 2 * taps))} for one offset group"
+            f"offset must be rank 4 {letters('2*G*kh*kw')}, got shape {tuple(offset.shape)}; "
+            f"expected {in_format((n, ho, wo, 2 * taps))} for G = 1 offset group"
         )
     off_nhwc = nhwc(offset.shape)
     if off_nhwc[3] == 0 or off_nhwc[3] % (2 * taps):
         raise ValueError(
-            f"offset has shape {tuple(offset.shape)} but its channel axis must be 2*G*kh*kw = "
-            f"a multiple of {2 * taps} (kernel {kh}x{kw})"
+            f"offset has shape {tuple(offset.shape)} but expected {letters('2*G*kh*kw')}: "
+            f"its channel axis must be a multiple of {2 * taps} (kernel {kh}x{kw})"
         )
     groups = off_nhwc[3] // (2 * taps)
     if c % groups:
         raise ValueError(
             f"offset has shape {tuple(offset.shape)}, i.e. G = {groups} offset groups, but "
-            f"the {c} channels of x are not divisible by G"
+            f"the C = {c} channels of x are not divisible by G"
         )
     _expect_shape("offset", offset.shape, in_format((n, ho, wo, 2 * groups * taps)),
-                  "(N, Ho, Wo, 2*G*kh*kw) in NHWC terms")
+                  f"{letters('2*G*kh*kw')} with G = {groups}")
     if mask is not None:
-        if not hasattr(mask, "shape"):
-            raise TypeError(f"mask must be an array or None, got {type(mask).__name__}")
         _expect_shape("mask", mask.shape, in_format((n, ho, wo, groups * taps)),
-                      "(N, Ho, Wo, G*kh*kw) in NHWC terms")
+                      f"{letters('G*kh*kw')} with G = {groups} (from offset)")
     if bias is not None:
-        if not hasattr(bias, "shape"):
-            raise TypeError(f"bias must be an array or None, got {type(bias).__name__}")
         _expect_shape("bias", bias.shape, (cm,), "(C*M,)")
     params = ConvParams(stride=stride_, padding=(pt, pl), dilation=dilation_)
     layout = Layout(n=n, h=h, w=w, c=c, kh=kh, kw=kw, ho=ho, wo=wo, groups=groups,

@@ -13,11 +13,12 @@ from jax_deform import reference
 from jax_deform._autodiff import deform_conv2d_ffi
 from jax_deform._layout import from_nhwc, to_nhwc
 from jax_deform._params import (
-    IMPLEMENTATIONS,
     KERNEL_DTYPES,
     IntPair,
     Padding,
     check_arguments,
+    check_deterministic,
+    check_implementation,
 )
 from jax_deform._primitives import KERNEL_PLATFORMS
 
@@ -38,16 +39,16 @@ def deterministic_by_default() -> bool:
 
 
 def _choose(implementation, dtype) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of None, 'auto', 'ffi', 'xla'; got {implementation!r}"
-        )
     kernel_ok = bool(KERNEL_PLATFORMS) and np.dtype(dtype).name in KERNEL_DTYPES
     if implementation == "ffi" and not kernel_ok:
         if not KERNEL_PLATFORMS:
-            raise ValueError("implementation='ffi' but the jax_deform extension is not built")
+            raise ValueError(
+                "implementation='ffi' but the jax_deform extension is not built; "
+                "use implementation=None or 'xla'"
+            )
         raise TypeError(
-            f"implementation='ffi' supports dtypes {KERNEL_DTYPES}, got {np.dtype(dtype)}"
+            f"implementation='ffi' supports x dtypes {', '.join(KERNEL_DTYPES)}, got "
+            f"{np.dtype(dtype)}; use implementation=None or 'xla' for it"
         )
     if implementation == "xla" or not kernel_ok:
         return "xla"
@@ -97,6 +98,8 @@ def deform_conv2d(
       with zeros outside the image; a sample counts only when ``-1 < y < H``
       and ``-1 < x < W``. A NaN sample position gives NaN.
     """
+    check_implementation(implementation)
+    check_deterministic(deterministic)
     params, layout = check_arguments(
         x, offset, weight, mask, bias, stride, padding, dilation, data_format
     )

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jax_deform.nnx import (
+    LayerGeometry,
     PaddingLike,
     _pair,
-    check_common,
+    check_input,
+    check_layer_arguments,
     deform_conv_in_dtype,
     normalize_padding,
     offsets_for_call,
@@ -89,6 +91,14 @@ class DeformConv(nn.Module):
     implementation: str | None = None
     deterministic: bool | None = None
 
+    def _checked(self, channels: int) -> LayerGeometry:
+        """The attributes, checked against C = ``channels`` input channels."""
+        return check_layer_arguments(
+            self.kernel_size, self.strides, self.padding, self.kernel_dilation,
+            self.depth_multiplier, self.offset_groups, channels, self.dtype,
+            self.implementation, self.deterministic,
+        )
+
     @nn.compact
     def __call__(
         self, x: Array, offset: Array | None = None, mask: Array | None = None
@@ -98,19 +108,14 @@ class DeformConv(nn.Module):
         Args:
           x: ``(N, H, W, C)``.
           offset: only with ``predict_offsets=False`` (then required):
-            ``(N, Ho, Wo, 2*G*kh*kw)``, order ``[g][k][(dy, dx)]``.
+            ``(N, Ho, Wo, 2*G*kh*kw)`` with ``G = offset_groups``, order ``[g][k][(dy, dx)]``.
           mask: only with ``predict_offsets=False``: ``(N, Ho, Wo, G*kh*kw)``, used as is.
 
         Returns:
           ``(N, Ho, Wo, C*M)`` in the computation dtype.
         """
-        if x.ndim != 4:
-            raise ValueError(f"expected x of shape (N, H, W, C), got {tuple(x.shape)}")
-        c = x.shape[-1]
-        kh, kw = check_common(self.kernel_size, self.depth_multiplier, self.offset_groups, c)
-        strides = _pair("strides", self.strides)
-        dilation = _pair("kernel_dilation", self.kernel_dilation)
-        padding = normalize_padding(self.padding)
+        c = check_input(x, None)
+        (kh, kw), strides, padding, dilation = self._checked(c)
 
         kernel = self.param(
             "kernel", self.kernel_init, (kh, kw, 1, c * self.depth_multiplier), self.param_dtype
@@ -137,7 +142,9 @@ class DeformConv(nn.Module):
             )(x)
             return split_prediction(pred, self.offset_groups, kh * kw, self.modulated)
 
-        offset, mask = offsets_for_call(self.predict_offsets, offset, mask, predict)
+        offset, mask = offsets_for_call(
+            self.predict_offsets, offset, mask, predict, self.offset_groups, (kh, kw)
+        )
         return deform_conv_in_dtype(
             dtype,
             x,
@@ -183,7 +190,12 @@ def from_depthwise_conv(
         or the params do not match it.
     """
     if not isinstance(conv, nn.Conv):
-        raise ValueError(f"expected an nn.Conv, got {type(conv).__name__}")
+        raise ValueError(f"conv must be an nn.Conv, got {type(conv).__name__}")
+    if not isinstance(conv_params, Mapping):
+        raise ValueError(
+            "conv_params must be the conv's params, {'kernel': ..., 'bias': ...} or "
+            f"{{'params': {{...}}}}, got {type(conv_params).__name__}"
+        )
     params = nn.unbox(dict(conv_params))
     if "params" in params and "kernel" not in params:
         params = dict(params["params"])
@@ -193,18 +205,38 @@ def from_depthwise_conv(
     c = conv.feature_group_count
     if kernel.ndim != 4:
         raise ValueError(f"only 2D convolutions can be converted, got kernel shape {kernel.shape}")
-    if kernel.shape[2] != 1 or kernel.shape[3] != conv.features or conv.features % c:
+    if kernel.shape[2] != 1 or conv.features % c:
         raise ValueError(
             "the conv is not depthwise: need a kernel (kh, kw, 1, C*M) with "
             f"feature_group_count = C; got kernel shape {tuple(kernel.shape)}, "
             f"feature_group_count={c}, features={conv.features}"
         )
+    ks = conv.kernel_size
+    conv_kernel_size = tuple(ks) if isinstance(ks, Sequence) else (ks,)
+    if tuple(kernel.shape) != (*conv_kernel_size, 1, conv.features):
+        # Most likely the params of another layer.
+        raise ValueError(
+            f"conv_params['kernel'] has shape {tuple(kernel.shape)} but the conv "
+            f"(kernel_size={conv_kernel_size}, features={conv.features}) expects "
+            f"{(*conv_kernel_size, 1, conv.features)}"
+        )
     if _pair("input_dilation", conv.input_dilation) != (1, 1):
-        raise ValueError("convs with input_dilation (transposed convs) cannot be converted")
+        raise ValueError(
+            f"the conv has input_dilation={conv.input_dilation!r}; convs with input dilation "
+            "(transposed convs) cannot be converted"
+        )
     if conv.mask is not None:
-        raise ValueError("convs with a kernel mask cannot be converted")
+        raise ValueError("the conv has a kernel mask; masked convs cannot be converted")
     if conv.use_bias != ("bias" in params):
-        raise ValueError(f"conv.use_bias={conv.use_bias} but conv_params keys are {sorted(params)}")
+        has = "has a" if "bias" in params else "has no"
+        raise ValueError(
+            f"conv.use_bias={conv.use_bias} but conv_params {has} 'bias' (keys: {sorted(params)})"
+        )
+    if conv.use_bias and tuple(jnp.shape(params["bias"])) != (conv.features,):
+        raise ValueError(
+            f"conv_params['bias'] has shape {tuple(jnp.shape(params['bias']))} but expected "
+            f"({conv.features},) = (features,)"
+        )
     kh, kw = kernel.shape[:2]
     attrs = dict(
         kernel_size=(kh, kw),
@@ -221,7 +253,7 @@ def from_depthwise_conv(
     )
     attrs.update(overrides)
     module = DeformConv(**attrs)
-    check_common(module.kernel_size, module.depth_multiplier, module.offset_groups, c)
+    module._checked(c)  # the overrides too, before any params are built from them
     param_dtype = module.param_dtype
     new = {"kernel": jnp.array(kernel, dtype=param_dtype)}
     if conv.use_bias:

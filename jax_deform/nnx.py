@@ -16,12 +16,13 @@ output).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_deform import _params
 from jax_deform.api import deform_conv2d
 
 Array = jax.Array
@@ -34,15 +35,12 @@ __all__ = ["DeformConv", "from_depthwise_conv"]
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
-def _pair(name: str, value: int | Sequence[int] | None) -> tuple[int, int]:
-    if value is None:  # flax's historical sentinel for 1
+def _pair(name: str, value: int | Sequence[int] | None, minimum: int = 1) -> tuple[int, int]:
+    """An int or ``(h, w)``, each >= ``minimum``; None means 1, flax's historical
+    sentinel for strides and dilations."""
+    if value is None:
         return (1, 1)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value  # type: ignore[return-value]
+    return _params._pair(name, value, minimum, type_error=ValueError)
 
 
 def normalize_padding(padding: PaddingLike):
@@ -52,53 +50,66 @@ def normalize_padding(padding: PaddingLike):
     sides of each axis. Padding modes other than zeros (``"CIRCULAR"``,
     ``"REFLECT"``, ``"CAUSAL"``) have no deformable counterpart and are rejected.
     """
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode not in ("SAME", "VALID"):
-            raise ValueError(
-                f"padding {padding!r} is not supported: a deformable conv samples with zero "
-                "padding; use 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right))"
-            )
-        return mode
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        return ((padding, padding), (padding, padding))
-    try:
-        parts = tuple(padding)
-    except TypeError:
-        parts = ()
-    if len(parts) == 2:
-        pads = []
-        for p in parts:
-            if isinstance(p, int) and not isinstance(p, bool):
-                pads.append((p, p))
-            elif isinstance(p, Sequence) and len(p) == 2 and all(isinstance(q, int) for q in p):
-                pads.append((int(p[0]), int(p[1])))
-            else:
-                break
-        else:
-            if min(min(p) for p in pads) < 0:
-                raise ValueError(f"padding must be >= 0, got {padding!r}")
-            return tuple(pads)
-    raise ValueError(
-        "padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), "
-        f"got {padding!r}"
+    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
+        raise ValueError(
+            f"padding {padding!r} is not supported: a deformable conv samples with zero "
+            f"padding; use {_params.PADDING_FORMS}"
+        )
+    return _params.padding_spec(padding, type_error=ValueError)
+
+
+class LayerGeometry(NamedTuple):
+    """A layer's checked geometry, in the forms nnx.Conv and deform_conv2d take."""
+
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: Any  # "SAME", "VALID" or ((top, bottom), (left, right))
+    dilation: tuple[int, int]
+
+
+def check_layer_arguments(
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] | None,
+    padding: PaddingLike,
+    kernel_dilation: int | Sequence[int] | None,
+    depth_multiplier: int,
+    offset_groups: int,
+    channels: int | None,
+    dtype: Dtype | None,
+    implementation: str | None,
+    deterministic: bool | None,
+) -> LayerGeometry:
+    """Checks the arguments the NNX and Linen layers share, so that a bad one
+    fails here, named, and not later inside the offset predictor's conv."""
+    ks = _params._pair("kernel_size", kernel_size, 1, type_error=ValueError)
+    geometry = LayerGeometry(
+        ks, _pair("strides", strides), normalize_padding(padding),
+        _pair("kernel_dilation", kernel_dilation),
     )
-
-
-def check_common(kernel_size, depth_multiplier: int, offset_groups: int, channels: int | None):
-    """Shared argument checks of the NNX and Linen layers; returns (kh, kw)."""
-    ks = _pair("kernel_size", kernel_size)
-    if min(ks) < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {kernel_size!r}")
-    if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
+    if not _params.is_int(depth_multiplier) or depth_multiplier < 1:
         raise ValueError(f"depth_multiplier must be an int >= 1, got {depth_multiplier!r}")
-    if not isinstance(offset_groups, int) or offset_groups < 1:
+    if not _params.is_int(offset_groups) or offset_groups < 1:
         raise ValueError(f"offset_groups must be an int >= 1, got {offset_groups!r}")
     if channels is not None and channels % offset_groups:
         raise ValueError(
             f"offset_groups={offset_groups} must divide the number of input channels ({channels})"
         )
-    return ks
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype or None, got {jnp.dtype(dtype)}")
+    _params.check_implementation(implementation)
+    _params.check_deterministic(deterministic)
+    return geometry
+
+
+def check_input(x, in_features: int | None) -> int:
+    """Checks a layer's input ``(N, H, W, C)``; returns C."""
+    want = "(N, H, W, C) with C >= 1" if in_features is None else f"(N, H, W, {in_features})"
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array {want}, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if len(shape) != 4 or shape[-1] < 1 or (in_features is not None and shape[-1] != in_features):
+        raise ValueError(f"x has shape {shape} but expected {want}")
+    return shape[-1]
 
 
 def split_prediction(pred: Array, offset_groups: int, taps: int, modulated: bool):
@@ -114,7 +125,14 @@ def split_prediction(pred: Array, offset_groups: int, taps: int, modulated: bool
     return offset, mask
 
 
-def offsets_for_call(predict_offsets: bool, offset, mask, predict: Callable[[], tuple]):
+def offsets_for_call(
+    predict_offsets: bool,
+    offset,
+    mask,
+    predict: Callable[[], tuple],
+    offset_groups: int,
+    kernel_size: tuple[int, int],
+):
     """The (offset, mask) a layer call uses: predicted by ``predict()`` when the
     layer predicts its own, else the caller's; shared by the NNX and Linen layers."""
     if predict_offsets:
@@ -126,6 +144,16 @@ def offsets_for_call(predict_offsets: bool, offset, mask, predict: Callable[[], 
         return predict()
     if offset is None:
         raise ValueError("DeformConv(predict_offsets=False) needs an offset argument")
+    # The op would take any G from the offsets; a G other than the layer's
+    # offset_groups means the layer and its caller disagree.
+    kh, kw = kernel_size
+    want = 2 * offset_groups * kh * kw
+    shape = tuple(getattr(offset, "shape", ()))
+    if len(shape) == 4 and shape[-1] != want:
+        raise ValueError(
+            f"offset has shape {shape} but this DeformConv (offset_groups={offset_groups}, "
+            f"kernel {kh}x{kw}) expects (N, Ho, Wo, 2*G*kh*kw) = (N, Ho, Wo, {want})"
+        )
     return offset, mask
 
 
@@ -202,16 +230,20 @@ class DeformConv(nnx.Module):
         deterministic: bool | None = None,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(in_features, int) or in_features < 1:
+        if not _params.is_int(in_features) or in_features < 1:
             raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
-        kh, kw = check_common(kernel_size, depth_multiplier, offset_groups, in_features)
+        geometry = check_layer_arguments(
+            kernel_size, strides, padding, kernel_dilation, depth_multiplier, offset_groups,
+            in_features, dtype, implementation, deterministic,
+        )
+        kh, kw = geometry.kernel_size
         self.in_features = in_features
         self.out_features = in_features * depth_multiplier
         self.kernel_size = (kh, kw)
         self.depth_multiplier = depth_multiplier
-        self.strides = _pair("strides", strides)
-        self.padding = normalize_padding(padding)
-        self.kernel_dilation = _pair("kernel_dilation", kernel_dilation)
+        self.strides = geometry.strides
+        self.padding = geometry.padding
+        self.kernel_dilation = geometry.dilation
         self.offset_groups = offset_groups
         self.modulated = modulated
         self.predict_offsets = predict_offsets
@@ -259,7 +291,11 @@ class DeformConv(nnx.Module):
           (None unless ``modulated``).
         """
         if not self.predict_offsets:
-            raise ValueError("this DeformConv takes its offsets from the caller")
+            raise ValueError(
+                "this DeformConv was built with predict_offsets=False and has no offset "
+                "predictor; it takes its offsets from the caller"
+            )
+        check_input(x, self.in_features)
         kh, kw = self.kernel_size
         return split_prediction(self.offset_conv(x), self.offset_groups, kh * kw, self.modulated)
 
@@ -271,22 +307,21 @@ class DeformConv(nnx.Module):
         Args:
           x: ``(N, H, W, C)``.
           offset: only with ``predict_offsets=False`` (then required):
-            ``(N, Ho, Wo, 2*G*kh*kw)`` in the op's ``[g][k][(dy, dx)]`` order.
+            ``(N, Ho, Wo, 2*G*kh*kw)`` with ``G = offset_groups``, in the op's
+            ``[g][k][(dy, dx)]`` order.
           mask: only with ``predict_offsets=False``: ``(N, Ho, Wo, G*kh*kw)``,
             used as is (no sigmoid).
 
         Returns:
           ``(N, Ho, Wo, C*M)`` in the computation dtype.
         """
-        if x.ndim != 4 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected x of shape (N, H, W, {self.in_features}), got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_features)
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         offset, mask = offsets_for_call(
-            self.predict_offsets, offset, mask, lambda: self.sampling_offsets(x)
+            self.predict_offsets, offset, mask, lambda: self.sampling_offsets(x),
+            self.offset_groups, self.kernel_size,
         )
         return deform_conv_in_dtype(
             dtype,
@@ -316,9 +351,12 @@ def _depthwise_geometry(conv: nnx.Conv) -> tuple[int, int]:
             f"feature_group_count={groups}, out_features={conv.out_features}"
         )
     if _pair("input_dilation", conv.input_dilation) != (1, 1):
-        raise ValueError("convs with input_dilation (transposed convs) cannot be converted")
+        raise ValueError(
+            f"the conv has input_dilation={conv.input_dilation!r}; convs with input dilation "
+            "(transposed convs) cannot be converted"
+        )
     if getattr(conv, "mask", None) is not None:
-        raise ValueError("convs with a kernel mask cannot be converted")
+        raise ValueError("the conv has a kernel mask; masked convs cannot be converted")
     return c, conv.out_features // c
 
 
@@ -346,7 +384,7 @@ def from_depthwise_conv(
       ValueError: if ``conv`` is not a depthwise 2D convolution with zero padding.
     """
     if not isinstance(conv, nnx.Conv):
-        raise ValueError(f"expected an nnx.Conv, got {type(conv).__name__}")
+        raise ValueError(f"conv must be an nnx.Conv, got {type(conv).__name__}")
     c, m = _depthwise_geometry(conv)
     layer = DeformConv(
         c,

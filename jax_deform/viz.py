@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_deform._params import _padding, _pair
+from jax_deform._params import _padding, _pair, is_int
 
 __all__ = [
     "SamplingLayer",
@@ -38,7 +38,12 @@ def _geometry(kernel_size, stride, padding, dilation, input_size):
     dh, dw = _pair("dilation", dilation, 1)
     if isinstance(padding, str) and padding.upper() == "SAME" and input_size is None:
         raise ValueError("padding='SAME' needs input_size=(H, W) to know the padding")
-    hw = tuple(input_size) if input_size is not None else (1, 1)
+    hw = (1, 1)
+    if input_size is not None:
+        if (not isinstance(input_size, (Sequence, np.ndarray)) or len(input_size) != 2
+                or not all(is_int(v) and v >= 1 for v in input_size)):
+            raise ValueError(f"input_size must be (H, W), two ints >= 1, got {input_size!r}")
+        hw = (int(input_size[0]), int(input_size[1]))
     (pt, _), (pl, _) = _padding(padding, hw, (kh, kw), (sh, sw), (dh, dw))
     return (kh, kw), (sh, sw), (dh, dw), (pt, pl)
 
@@ -72,8 +77,8 @@ def sampling_positions(
     taps = kh * kw
     if offset.ndim < 3 or offset.shape[-1] % (2 * taps) or offset.shape[-1] == 0:
         raise ValueError(
-            f"offset must be (..., Ho, Wo, 2*G*{taps}) for a {kh}x{kw} kernel, "
-            f"got shape {offset.shape}"
+            f"offset has shape {offset.shape} but expected (..., Ho, Wo, 2*G*kh*kw) = "
+            f"(..., Ho, Wo, 2*G*{taps}) for a {kh}x{kw} kernel"
         )
     ho, wo = offset.shape[-3:-1]
     groups = offset.shape[-1] // (2 * taps)
@@ -109,11 +114,25 @@ class SamplingLayer:
     group: int = 0
 
 
+def _one_example(name: str, value, letters: str) -> np.ndarray:
+    """``value`` as ``(Ho, Wo, ...)``: a leading batch axis of 1 is dropped, a
+    larger batch is an error (which example to draw would be a guess)."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(
+            f"{name} has shape {np.shape(value)} but expected {letters} for one example "
+            "(or a batch of 1)"
+        )
+    return array
+
+
 def _layer_taps(layer: SamplingLayer):
     """(Ho, Wo, K, 2) positions and (Ho, Wo, K) weights of one group of one layer."""
-    offset = np.asarray(layer.offset)
-    if offset.ndim == 4 and offset.shape[0] == 1:
-        offset = offset[0]
+    if not isinstance(layer, SamplingLayer):
+        raise TypeError(f"layers must hold SamplingLayer objects, got {type(layer).__name__}")
+    offset = _one_example("offset", layer.offset, "(Ho, Wo, 2*G*kh*kw)")
     pos = sampling_positions(
         offset,
         kernel_size=layer.kernel_size,
@@ -122,19 +141,44 @@ def _layer_taps(layer: SamplingLayer):
         dilation=layer.dilation,
         input_size=layer.input_size,
     )
-    groups = pos.shape[-3]
-    if not 0 <= layer.group < groups:
-        raise ValueError(f"group={layer.group} but the offsets have {groups} groups")
+    ho, wo, groups, taps, _ = pos.shape
+    if not is_int(layer.group) or not 0 <= layer.group < groups:
+        raise ValueError(
+            f"group must be an int in [0, G) = [0, {groups}) for offsets of shape "
+            f"{offset.shape}, got {layer.group!r}"
+        )
     pos = pos[..., layer.group, :, :]
     if layer.mask is None:
         weight = np.ones(pos.shape[:-1])
     else:
-        mask = np.asarray(layer.mask, dtype=np.float64)
-        if mask.ndim == 4 and mask.shape[0] == 1:
-            mask = mask[0]
-        taps = pos.shape[-2]
-        weight = mask.reshape(mask.shape[:-1] + (groups, taps))[..., layer.group, :]
+        mask = _one_example("mask", layer.mask, "(Ho, Wo, G*kh*kw)")
+        if mask.shape != (ho, wo, groups * taps):
+            raise ValueError(
+                f"mask has shape {mask.shape} but expected {(ho, wo, groups * taps)} = "
+                f"(Ho, Wo, G*kh*kw) with G = {groups} (from offset)"
+            )
+        weight = mask.reshape(ho, wo, groups, taps)[..., layer.group, :]
     return pos, weight
+
+
+def _pixel(name: str, pixel, grid: tuple[int, int]) -> tuple[int, int]:
+    """``pixel`` as ``(ho, wo)`` inside an output grid ``(Ho, Wo)``."""
+    if (not isinstance(pixel, (Sequence, np.ndarray)) or len(pixel) != 2
+            or not all(is_int(p) for p in pixel)):
+        raise ValueError(f"{name} must be (ho, wo), a pair of ints, got {pixel!r}")
+    ho, wo = int(pixel[0]), int(pixel[1])
+    if not (0 <= ho < grid[0] and 0 <= wo < grid[1]):
+        raise ValueError(
+            f"{name} = {(ho, wo)} is outside the output grid (Ho, Wo) = {tuple(grid)}"
+        )
+    return ho, wo
+
+
+def _pixels(pixels) -> list:
+    """``pixels`` as a list, checked to be a sequence of pairs, not one pair."""
+    if not isinstance(pixels, (Sequence, np.ndarray)) or any(is_int(p) for p in pixels):
+        raise ValueError(f"pixels must be a list of (ho, wo) pairs, got {pixels!r}")
+    return list(pixels)
 
 
 def trace_sampling_points(
@@ -158,13 +202,13 @@ def trace_sampling_points(
       first layer's input coordinates and the product of the masks along each
       path (ones without masks).
     """
+    if isinstance(layers, SamplingLayer) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a list of SamplingLayer, got {type(layers).__name__}")
     if not layers:
-        raise ValueError("need at least one layer")
+        raise ValueError("layers is empty: need at least one SamplingLayer")
     taps = [_layer_taps(layer) for layer in layers]
     pos_last, w_last = taps[-1]
-    ho, wo = pixel
-    if not (0 <= ho < pos_last.shape[0] and 0 <= wo < pos_last.shape[1]):
-        raise ValueError(f"pixel {tuple(pixel)} is outside the output grid {pos_last.shape[:2]}")
+    ho, wo = _pixel("pixel", pixel, pos_last.shape[:2])
     points, weights = pos_last[ho, wo], w_last[ho, wo]
     for pos, w in reversed(taps[:-1]):
         iy = np.clip(np.rint(points[:, 0]).astype(int), 0, pos.shape[0] - 1)
@@ -184,7 +228,9 @@ def _show_image(ax, image):
         lo, hi = image.min(), image.max()
         ax.imshow((image - lo) / (hi - lo or 1.0), interpolation="nearest")
     else:
-        raise ValueError(f"image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}")
+        raise ValueError(
+            f"image has shape {image.shape} but expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
     h, w = image.shape[:2]
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
@@ -263,6 +309,7 @@ def plot_sampling_points(
       ``path``, the Figure, or ``ax``.
     """
     image = np.asarray(image)
+    pixels = _pixels(pixels)
     layer = SamplingLayer(offset, kernel_size, stride, padding, dilation,
                           input_size=image.shape[:2], mask=mask, group=group)
     pos, weight = _layer_taps(layer)
@@ -274,9 +321,8 @@ def plot_sampling_points(
     _show_image(ax, image)
     kh, kw = _pair("kernel_size", kernel_size, 1)
     center = (kh // 2) * kw + kw // 2
-    for (ho, wo), color in zip(pixels, _colors(len(pixels))):
-        if not (0 <= ho < pos.shape[0] and 0 <= wo < pos.shape[1]):
-            raise ValueError(f"pixel {(ho, wo)} is outside the output grid {pos.shape[:2]}")
+    for k, (pixel, color) in enumerate(zip(pixels, _colors(len(pixels)))):
+        ho, wo = _pixel(f"pixels[{k}]", pixel, pos.shape[:2])
         p, g, w = pos[ho, wo], grid[ho, wo], weight[ho, wo]
         for a, b in zip(g, p):
             ax.plot([a[1], b[1]], [a[0], b[0]], color=color, lw=0.8, alpha=0.6)
@@ -321,11 +367,18 @@ def plot_traced_points(
     Returns:
       ``path``, the Figure, or ``axes``.
     """
+    pixels = _pixels(pixels)
+    if not pixels:
+        raise ValueError("pixels is empty: need at least one (ho, wo) to draw a panel for")
+    if titles and len(titles) != len(pixels):
+        raise ValueError(f"titles has {len(titles)} entries but pixels has {len(pixels)}")
+    if reference_layers is not None and not reference_layers:
+        raise ValueError("reference_layers is empty: pass None or at least one SamplingLayer")
     fig = None
     if axes is None:
         fig, axes = _new_axes(len(pixels))
     elif len(axes) != len(pixels):
-        raise ValueError(f"got {len(axes)} axes for {len(pixels)} pixels")
+        raise ValueError(f"axes has {len(axes)} Axes but pixels has {len(pixels)}; need one each")
     for k, (ax, pixel, color) in enumerate(zip(axes, pixels, _colors(len(pixels)))):
         _show_image(ax, image)
         if reference_layers is not None:

@@ -252,6 +252,8 @@ def test_grad_of_vmap_and_vmap_of_grad(rng, device):
 
 
 # ------------------------------------------------------------------ bad input
+# Every message of jax_deform._params and jax_deform.api, met through the public
+# function: each names the argument, what it got and what it wanted.
 
 def _good():
     f32 = jnp.float32
@@ -262,55 +264,215 @@ def _good():
     )
 
 
+def _z(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+def _bad(id_, change, error, message):
+    return pytest.param(change, error, message, id=id_)
+
+
+# Each row: operands replacing the good ones (with padding=1), the error, and a
+# regex of the parts of the message that matter.
 BAD = [
-    (dict(x=jnp.zeros((6, 6, 4))), ValueError, r"x must be rank 4 \(N, H, W, C\), got shape \(6, 6, 4\)"),
-    (dict(offset=jnp.zeros((2, 6, 6, 17))), ValueError, r"offset has shape \(2, 6, 6, 17\).*multiple of 18"),
-    (dict(offset=jnp.zeros((2, 5, 6, 18))), ValueError, r"offset has shape \(2, 5, 6, 18\) but expected \(2, 6, 6, 18\)"),
-    (dict(offset=jnp.zeros((2, 6, 6, 54))), ValueError, r"G = 3 offset groups.*4 channels"),
-    (dict(mask=jnp.zeros((2, 6, 6, 18))), ValueError, r"mask has shape \(2, 6, 6, 18\) but expected \(2, 6, 6, 9\)"),
-    (dict(weight=jnp.zeros((3, 3, 4, 4))), ValueError, r"weight has shape \(3, 3, 4, 4\) but expected \(kh, kw, 1, C\*M\)"),
-    (dict(weight=jnp.zeros((3, 3, 1, 6))), ValueError, r"weight has shape \(3, 3, 1, 6\)"),
-    (dict(bias=jnp.zeros((5,))), ValueError, r"bias has shape \(5,\) but expected \(4,\)"),
-    (dict(x=jnp.zeros((2, 6, 6, 4), jnp.int32)), TypeError, r"x must have a floating dtype.*got int32"),
-    (dict(offset=jnp.zeros((2, 6, 6, 18), jnp.float16)), TypeError, r"offset has dtype float16 but x has dtype float32"),
+    _bad("x not an array", dict(x=[[0.0]]), TypeError, r"x must be an array, got list"),
+    _bad("offset None", dict(offset=None), TypeError, r"offset must be an array, got NoneType"),
+    _bad("weight not an array", dict(weight=3.0), TypeError, r"weight must be an array, got float"),
+    _bad("mask not an array", dict(mask=[1.0]), TypeError,
+         r"mask must be an array or None, got list"),
+    _bad("bias not an array", dict(bias=0.0), TypeError,
+         r"bias must be an array or None, got float"),
+    _bad("x integer", dict(x=_z(2, 6, 6, 4, dtype=jnp.int32)), TypeError,
+         r"x must have a floating dtype \(float32, bfloat16, float16, float64\), got int32"),
+    _bad("x complex", dict(x=_z(2, 6, 6, 4, dtype=jnp.complex64)), TypeError,
+         r"x must have a floating dtype .*got complex64"),
+    _bad("offset dtype", dict(offset=_z(2, 6, 6, 18, dtype=jnp.float16)), TypeError,
+         r"offset has dtype float16 but x has dtype float32; they must match"),
+    _bad("weight dtype", dict(weight=_z(3, 3, 1, 4, dtype=jnp.int32)), TypeError,
+         r"weight has dtype int32 but x has dtype float32"),
+    _bad("mask dtype", dict(mask=_z(2, 6, 6, 9, dtype=jnp.bfloat16)), TypeError,
+         r"mask has dtype bfloat16 but x has dtype float32"),
+    _bad("bias dtype", dict(bias=_z(4, dtype=jnp.float16)), TypeError,
+         r"bias has dtype float16 but x has dtype float32"),
+    _bad("x rank 3", dict(x=_z(6, 6, 4)), ValueError,
+         r"x must be rank 4 \(N, H, W, C\), got shape \(6, 6, 4\)"),
+    _bad("x no channels", dict(x=_z(2, 6, 6, 0)), ValueError,
+         r"x has shape \(2, 6, 6, 0\) but expected \(N, H, W, C\) with C >= 1"),
+    _bad("weight not depthwise", dict(weight=_z(3, 3, 4, 4)), ValueError,
+         r"weight has shape \(3, 3, 4, 4\) but expected \(kh, kw, 1, C\*M\) with C = 4"),
+    _bad("weight C*M", dict(weight=_z(3, 3, 1, 6)), ValueError,
+         r"weight has shape \(3, 3, 1, 6\) but expected \(kh, kw, 1, C\*M\) with C = 4"),
+    _bad("weight rank 3", dict(weight=_z(3, 3, 4)), ValueError,
+         r"weight has shape \(3, 3, 4\) but expected \(kh, kw, 1, C\*M\)"),
+    _bad("weight torch OIHW", dict(weight=_z(4, 1, 3, 3)), ValueError,
+         r"weight has shape \(4, 1, 3, 3\) but expected \(kh, kw, 1, C\*M\)"),
+    _bad("weight empty kernel", dict(weight=_z(0, 3, 1, 4)), ValueError,
+         r"weight has shape \(0, 3, 1, 4\) but expected \(kh, kw, 1, C\*M\) with kh, kw >= 1"),
+    _bad("offset rank 3", dict(offset=_z(6, 6, 18)), ValueError,
+         r"offset must be rank 4 \(N, Ho, Wo, 2\*G\*kh\*kw\), got shape \(6, 6, 18\); "
+         r"expected \(2, 6, 6, 18\)"),
+    _bad("offset channels", dict(offset=_z(2, 6, 6, 17)), ValueError,
+         r"offset has shape \(2, 6, 6, 17\) but expected \(N, Ho, Wo, 2\*G\*kh\*kw\): "
+         r".*multiple of 18 \(kernel 3x3\)"),
+    _bad("offset no channels", dict(offset=_z(2, 6, 6, 0)), ValueError,
+         r"offset has shape \(2, 6, 6, 0\) .*multiple of 18"),
+    _bad("offset spatial", dict(offset=_z(2, 5, 6, 18)), ValueError,
+         r"offset has shape \(2, 5, 6, 18\) but expected \(2, 6, 6, 18\) = "
+         r"\(N, Ho, Wo, 2\*G\*kh\*kw\) with G = 1"),
+    _bad("offset batch", dict(offset=_z(1, 6, 6, 18)), ValueError,
+         r"offset has shape \(1, 6, 6, 18\) but expected \(2, 6, 6, 18\)"),
+    _bad("groups do not divide C", dict(offset=_z(2, 6, 6, 54)), ValueError,
+         r"offset has shape \(2, 6, 6, 54\), i.e. G = 3 offset groups, "
+         r"but the C = 4 channels of x are not divisible by G"),
+    _bad("mask groups", dict(mask=_z(2, 6, 6, 18)), ValueError,
+         r"mask has shape \(2, 6, 6, 18\) but expected \(2, 6, 6, 9\) = "
+         r"\(N, Ho, Wo, G\*kh\*kw\) with G = 1 \(from offset\)"),
+    _bad("mask groups of offset", dict(offset=_z(2, 6, 6, 36)), ValueError,
+         r"mask has shape \(2, 6, 6, 9\) but expected \(2, 6, 6, 18\) = .* with G = 2"),
+    _bad("mask rank 3", dict(mask=_z(6, 6, 9)), ValueError,
+         r"mask has shape \(6, 6, 9\) but expected \(2, 6, 6, 9\)"),
+    _bad("bias length", dict(bias=_z(5)), ValueError,
+         r"bias has shape \(5,\) but expected \(4,\) = \(C\*M,\)"),
+    _bad("bias rank 2", dict(bias=_z(1, 4)), ValueError,
+         r"bias has shape \(1, 4\) but expected \(4,\)"),
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD, ids=[m[:30] for _, _, m in BAD])
-def test_bad_arrays_are_named(change, error, message):
+def _call(a, **kwargs):
+    return jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], a["mask"], a["bias"],
+                                    **kwargs)
+
+
+@pytest.fixture
+def no_kernel_runs(monkeypatch):
+    """Makes reaching either implementation a test failure: bad input must be
+    rejected before anything is traced into a kernel or the pure-jnp path."""
+    from jax_deform import api
+
+    def reached(*args, **kwargs):
+        raise AssertionError("bad input reached an implementation")
+
+    monkeypatch.setattr(api, "deform_conv2d_ffi", reached)
+    monkeypatch.setattr(reference, "deform_conv2d_nhwc", reached)
+
+
+@pytest.mark.parametrize("change,error,message", BAD)
+def test_bad_arrays_are_named(no_kernel_runs, change, error, message):
     a = _good()
-    # x64 is on in the tests: plain jnp.zeros are float64, which would trip the dtype check first.
-    a.update({k: v.astype(jnp.float32) if v.dtype == jnp.float64 else v for k, v in change.items()})
+    a.update(change)
     with pytest.raises(error, match=message):
-        jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], a["mask"], a["bias"], padding=1)
+        _call(a, padding=1)
+
+
+SHAPE_ERRORS = [p for p in BAD if p.values[1] is ValueError]
+
+
+@pytest.mark.parametrize("change,error,message", SHAPE_ERRORS)
+def test_bad_shapes_are_named_under_jit(change, error, message):
+    # The checks read static shapes, so tracing raises the same error.
+    a = _good()
+    a.update(change)
+    f = jax.jit(lambda x, offset, weight, mask, bias: jax_deform.deform_conv2d(
+        x, offset, weight, mask, bias, padding=1))
+    with pytest.raises(error, match=message):
+        f(a["x"], a["offset"], a["weight"], a["mask"], a["bias"])
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=_z(2, 4, 6)), r"x must be rank 4 \(N, C, H, W\), got shape \(2, 4, 6\)"),
+    # An NHWC x read as NCHW: the message says which C it read, and from where.
+    (dict(x=_z(2, 6, 6, 4)),
+     r"weight has shape \(3, 3, 1, 4\) but expected \(kh, kw, 1, C\*M\) with C = 6, "
+     r"the channels of x \(N, C, H, W\)"),
+    (dict(offset=_z(2, 17, 6, 6)),
+     r"offset has shape \(2, 17, 6, 6\) but expected \(N, 2\*G\*kh\*kw, Ho, Wo\)"),
+    (dict(offset=_z(2, 6, 6, 18)),
+     r"offset has shape \(2, 6, 6, 18\) but expected \(N, 2\*G\*kh\*kw, Ho, Wo\)"),
+    (dict(mask=_z(2, 6, 6, 9)),
+     r"mask has shape \(2, 6, 6, 9\) but expected \(2, 9, 6, 6\) = \(N, G\*kh\*kw, Ho, Wo\)"),
+])
+def test_nchw_messages_use_nchw_letters(no_kernel_runs, change, message):
+    a = dict(x=_z(2, 4, 6, 6), offset=_z(2, 18, 6, 6), weight=_z(3, 3, 1, 4),
+             mask=_z(2, 9, 6, 6), bias=_z(4))
+    a.update(change)
+    with pytest.raises(ValueError, match=message):
+        _call(a, padding=1, data_format="NCHW")
+
+
+PADDING_FORMS = (r"padding must be 'SAME', 'VALID', an int, \(ph, pw\) or "
+                 r"\(\(top, bottom\), \(left, right\)\)")
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
     (dict(stride=0), ValueError, r"stride must be >= 1, got 0"),
-    (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1, got \(1, 0\)"),
-    (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
-    (dict(padding="FULL"), ValueError, r"padding must be 'SAME', 'VALID'"),
+    (dict(stride=(2, -1)), ValueError, r"stride must be >= 1, got \(2, -1\)"),
     (dict(stride=1.5), TypeError, r"stride must be an int or a pair of ints, got 1.5"),
-    (dict(data_format="NCWH"), ValueError, r"data_format must be 'NHWC' or 'NCHW'"),
-    (dict(implementation="cuda"), ValueError, r"implementation must be one of"),
+    (dict(stride=True), TypeError, r"stride must be an int or a pair of ints, got True"),
+    (dict(stride=(1, 1, 1)), TypeError,
+     r"stride must be an int or a pair of ints, got \(1, 1, 1\)"),
+    (dict(stride=jnp.asarray(2)), TypeError,
+     r"stride must be an int or a pair of ints, got Array\(2.*must be static"),
+    (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1, got \(1, 0\)"),
+    (dict(dilation=2.0), TypeError, r"dilation must be an int or a pair of ints, got 2.0"),
+    (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+    (dict(padding=(1, -1)), ValueError, r"padding must be >= 0, got \(1, -1\)"),
+    (dict(padding=((1, 1), (0, -2))), ValueError,
+     r"padding must be >= 0, got \(\(1, 1\), \(0, -2\)\)"),
+    (dict(padding="FULL"), ValueError, PADDING_FORMS + r", got 'FULL'"),
+    (dict(padding=1.0), TypeError, PADDING_FORMS + r", got 1.0"),
+    (dict(padding=True), TypeError, PADDING_FORMS + r", got True"),
+    (dict(padding=None), TypeError, PADDING_FORMS + r", got None"),
+    (dict(padding=(1, 1, 1)), TypeError, PADDING_FORMS + r", got \(1, 1, 1\)"),
+    (dict(padding=((1, 1.0), (1, 1))), TypeError,
+     PADDING_FORMS + r", got \(\(1, 1.0\), \(1, 1\)\)"),
+    (dict(data_format="NCWH"), ValueError, r"data_format must be 'NHWC' or 'NCHW', got 'NCWH'"),
+    (dict(data_format=None), ValueError, r"data_format must be 'NHWC' or 'NCHW', got None"),
+    (dict(implementation="cuda"), ValueError,
+     r"implementation must be one of None, 'auto', 'ffi', 'xla'; got 'cuda'"),
+    (dict(implementation=["ffi"]), ValueError, r"implementation must be one of .*got \['ffi'\]"),
+    (dict(deterministic="no"), TypeError, r"deterministic must be True, False or None, got 'no'"),
 ])
-def test_bad_options_are_named(kwargs, error, message):
-    a = _good()
+def test_bad_options_are_named(no_kernel_runs, kwargs, error, message):
     kwargs.setdefault("padding", 1)
     with pytest.raises(error, match=message):
-        jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], a["mask"], a["bias"], **kwargs)
+        _call(_good(), **kwargs)
 
 
-def test_empty_output_is_an_error():
-    with pytest.raises(ValueError, match=r"output would be empty.*gives an output of \(-2, -2\)"):
-        jax_deform.deform_conv2d(jnp.zeros((1, 2, 2, 4), jnp.float32),
-                                 jnp.zeros((1, 1, 1, 50), jnp.float32),
-                                 jnp.zeros((5, 5, 1, 4), jnp.float32))
+def test_traced_stride_under_jit_is_named():
+    a = _good()
+    f = jax.jit(lambda x, offset, weight, s: jax_deform.deform_conv2d(
+        x, offset, weight, stride=s, padding=1))
+    with pytest.raises(TypeError, match=r"stride must be an int .*must be static"):
+        f(a["x"], a["offset"], a["weight"], 1)
+
+
+@pytest.mark.parametrize("x_shape,weight_shape,padding,message", [
+    ((1, 2, 2, 4), (5, 5, 1, 4), 0,
+     r"output would be empty: x spatial size \(2, 2\) with kernel \(5, 5\), dilation \(1, 1\), "
+     r"padding \(\(0, 0\), \(0, 0\)\) and stride \(1, 1\) gives an output of \(-2, -2\)"),
+    ((1, 0, 3, 4), (1, 1, 1, 4), 0, r"output would be empty: x spatial size \(0, 3\).*\(0, 3\)"),
+])
+def test_empty_output_is_an_error(no_kernel_runs, x_shape, weight_shape, padding, message):
+    with pytest.raises(ValueError, match=message):
+        jax_deform.deform_conv2d(_z(*x_shape), _z(1, 1, 1, 50), _z(*weight_shape),
+                                 padding=padding)
 
 
 def test_float64_needs_the_xla_path():
     a = {k: v.astype(jnp.float64) for k, v in _good().items()}
-    with pytest.raises(TypeError, match="implementation='ffi' supports dtypes"):
+    with pytest.raises(TypeError, match=r"implementation='ffi' supports x dtypes float32, "
+                                        r"bfloat16, float16, got float64; use implementation="):
         jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], implementation="ffi", padding=1)
     y = jax_deform.deform_conv2d(a["x"], a["offset"], a["weight"], padding=1)
     assert y.dtype == jnp.float64
+
+
+def test_ffi_without_the_extension_is_named(monkeypatch):
+    from jax_deform import api
+
+    monkeypatch.setattr(api, "KERNEL_PLATFORMS", frozenset())
+    a = _good()
+    with pytest.raises(ValueError, match=r"implementation='ffi' but the jax_deform extension "
+                                         r"is not built; use implementation=None or 'xla'"):
+        _call(a, padding=1, implementation="ffi")
+    assert _call(a, padding=1).shape == (2, 6, 6, 4)  # auto falls back to the jnp path

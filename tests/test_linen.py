@@ -104,19 +104,69 @@ def test_from_depthwise_conv(rng):
                                np.asarray(conv.apply(variables, x)), rtol=1e-5, atol=1e-5)
 
 
-def test_from_depthwise_conv_rejects_non_depthwise(rng):
-    x = _x(rng, (1, 8, 8, 4))
-    full = nn.Conv(8, (3, 3))
-    with pytest.raises(ValueError, match="not depthwise"):
-        from_depthwise_conv(full, full.init(_key(rng), x)["params"])
-    grouped = nn.Conv(4, (3, 3), feature_group_count=2)
-    with pytest.raises(ValueError, match="not depthwise"):
-        from_depthwise_conv(grouped, grouped.init(_key(rng), x)["params"])
-    circular = nn.Conv(4, (3, 3), feature_group_count=4, padding="CIRCULAR")
-    with pytest.raises(ValueError, match="CIRCULAR"):
-        from_depthwise_conv(circular, circular.init(_key(rng), x)["params"])
-    with pytest.raises(ValueError, match="nn.Conv"):
-        from_depthwise_conv(nn.Dense(4), {})
+X4 = jnp.zeros((1, 8, 8, 4), jnp.float32)
+
+
+def _with_params(conv, **replace):
+    params = dict(conv.init(jax.random.key(0), X4)["params"])
+    params.update(replace)
+    return params
+
+
+DEPTHWISE = nn.Conv(4, (3, 3), feature_group_count=4)
+
+# Each row: the converter's arguments (as a thunk) and its ValueError message.
+BAD_CONVERSIONS = [
+    ("not a conv", lambda: (nn.Dense(4), {}), r"conv must be an nn.Conv, got Dense"),
+    ("params not a mapping", lambda: (DEPTHWISE, None),
+     r"conv_params must be the conv's params, .*got NoneType"),
+    ("no kernel", lambda: (DEPTHWISE, {"bias": jnp.zeros(4)}),
+     r"conv_params has no 'kernel' \(keys: \['bias'\]\)"),
+    ("1D", lambda: (nn.Conv(4, (3,), feature_group_count=4), {"kernel": jnp.zeros((3, 1, 4))}),
+     r"only 2D convolutions can be converted, got kernel shape \(3, 1, 4\)"),
+    ("full conv", lambda: (nn.Conv(8, (3, 3)), _with_params(nn.Conv(8, (3, 3)))),
+     r"the conv is not depthwise: .*got kernel shape \(3, 3, 4, 8\), feature_group_count=1"),
+    ("grouped conv", lambda: (nn.Conv(4, (3, 3), feature_group_count=2),
+                              _with_params(nn.Conv(4, (3, 3), feature_group_count=2))),
+     r"the conv is not depthwise: .*feature_group_count=2"),
+    ("another layer's kernel", lambda: (DEPTHWISE, _with_params(DEPTHWISE,
+                                                                kernel=jnp.zeros((3, 3, 1, 8)))),
+     r"conv_params\['kernel'\] has shape \(3, 3, 1, 8\) but the conv \(kernel_size=\(3, 3\), "
+     r"features=4\) expects \(3, 3, 1, 4\)"),
+    ("input dilation", lambda: (nn.Conv(4, (3, 3), feature_group_count=4, input_dilation=2),
+                                _with_params(DEPTHWISE)),
+     r"the conv has input_dilation=2; convs with input dilation \(transposed convs\)"),
+    ("kernel mask", lambda: (nn.Conv(4, (3, 3), feature_group_count=4,
+                                     mask=jnp.ones((3, 3, 1, 4))), _with_params(DEPTHWISE)),
+     r"the conv has a kernel mask"),
+    ("bias not expected", lambda: (nn.Conv(4, (3, 3), feature_group_count=4, use_bias=False),
+                                   _with_params(DEPTHWISE)),
+     r"conv.use_bias=False but conv_params has a 'bias' \(keys: \['bias', 'kernel'\]\)"),
+    ("bias missing", lambda: (DEPTHWISE, {"kernel": jnp.zeros((3, 3, 1, 4))}),
+     r"conv.use_bias=True but conv_params has no 'bias' \(keys: \['kernel'\]\)"),
+    ("bias length", lambda: (DEPTHWISE, _with_params(DEPTHWISE, bias=jnp.zeros(5))),
+     r"conv_params\['bias'\] has shape \(5,\) but expected \(4,\) = \(features,\)"),
+    ("circular padding", lambda: (nn.Conv(4, (3, 3), feature_group_count=4, padding="CIRCULAR"),
+                                  _with_params(DEPTHWISE)),
+     r"padding 'CIRCULAR' is not supported"),
+]
+
+
+@pytest.mark.parametrize("make,message", [r[1:] for r in BAD_CONVERSIONS],
+                         ids=[r[0] for r in BAD_CONVERSIONS])
+def test_from_depthwise_conv_rejects_non_depthwise(make, message):
+    conv, conv_params = make()
+    with pytest.raises(ValueError, match=message):
+        from_depthwise_conv(conv, conv_params)
+
+
+def test_from_depthwise_conv_checks_overrides():
+    params = _with_params(DEPTHWISE)
+    with pytest.raises(ValueError, match=r"offset_groups=3 must divide the number of input "
+                                         r"channels \(4\)"):
+        from_depthwise_conv(DEPTHWISE, params, offset_groups=3)
+    with pytest.raises(ValueError, match=r"strides must be >= 1, got 0"):
+        from_depthwise_conv(DEPTHWISE, params, strides=0)
 
 
 def test_checkpoint_roundtrip(rng, tmp_path):
@@ -211,11 +261,67 @@ def test_logical_partitioning_metadata(rng):
                                np.asarray(conv.apply(conv_vars, x)), rtol=1e-5, atol=1e-5)
 
 
-def test_bad_arguments(rng):
-    x = _x(rng, (1, 8, 8, 6))
-    with pytest.raises(ValueError, match="offset_groups"):
-        DeformConv(kernel_size=(3, 3), offset_groups=4).init(_key(rng), x)
-    with pytest.raises(ValueError, match="REFLECT"):
-        DeformConv(kernel_size=(3, 3), padding="REFLECT").init(_key(rng), x)
-    with pytest.raises(ValueError, match="predict_offsets=False"):
-        DeformConv(kernel_size=(3, 3)).init(_key(rng), x, jnp.zeros((1, 8, 8, 18), jnp.float32))
+PADDING_FORMS = (r"padding must be 'SAME', 'VALID', an int, \(ph, pw\) or "
+                 r"\(\(top, bottom\), \(left, right\)\)")
+
+# Each row: DeformConv attributes, init's arguments besides the key (x is
+# (1, 8, 8, 6) unless given), the error and its message. Linen checks at init.
+X6 = jnp.zeros((1, 8, 8, 6), jnp.float32)
+BAD = [
+    ("kernel_size 3D", dict(kernel_size=(3, 3, 3)), (), ValueError,
+     r"kernel_size must be an int or a pair of ints, got \(3, 3, 3\)"),
+    ("kernel_size 0", dict(kernel_size=0), (), ValueError, r"kernel_size must be >= 1, got 0"),
+    ("strides 0", dict(strides=0), (), ValueError, r"strides must be >= 1, got 0"),
+    ("strides float", dict(strides=2.0), (), ValueError,
+     r"strides must be an int or a pair of ints, got 2.0"),
+    ("dilation 0", dict(kernel_dilation=0), (), ValueError, r"kernel_dilation must be >= 1, got 0"),
+    ("padding REFLECT", dict(padding="REFLECT"), (), ValueError,
+     r"padding 'REFLECT' is not supported: a deformable conv samples with zero padding"),
+    ("padding negative", dict(padding=-1), (), ValueError, r"padding must be >= 0, got -1"),
+    ("padding float", dict(padding=(1, 1.5)), (), ValueError, PADDING_FORMS + r", got \(1, 1.5\)"),
+    ("depth_multiplier 0", dict(depth_multiplier=0), (), ValueError,
+     r"depth_multiplier must be an int >= 1, got 0"),
+    ("offset_groups 0", dict(offset_groups=0), (), ValueError,
+     r"offset_groups must be an int >= 1, got 0"),
+    ("offset_groups divide", dict(offset_groups=4), (), ValueError,
+     r"offset_groups=4 must divide the number of input channels \(6\)"),
+    ("dtype", dict(dtype=jnp.int32), (), ValueError,
+     r"dtype must be a floating dtype or None, got int32"),
+    ("implementation", dict(implementation="cuda"), (), ValueError,
+     r"implementation must be one of None, 'auto', 'ffi', 'xla'; got 'cuda'"),
+    ("deterministic", dict(deterministic="yes"), (), TypeError,
+     r"deterministic must be True, False or None, got 'yes'"),
+    ("x rank 3", dict(), (jnp.zeros((8, 8, 6), jnp.float32),), ValueError,
+     r"x has shape \(8, 8, 6\) but expected \(N, H, W, C\) with C >= 1"),
+    ("x no channels", dict(), (jnp.zeros((1, 8, 8, 0), jnp.float32),), ValueError,
+     r"x has shape \(1, 8, 8, 0\) but expected \(N, H, W, C\) with C >= 1"),
+    ("x a list", dict(), ([[0.0]],), TypeError,
+     r"x must be an array \(N, H, W, C\) with C >= 1, got list"),
+    ("offset to a predicting layer", dict(), (X6, jnp.zeros((1, 8, 8, 18), jnp.float32)),
+     ValueError, r"this DeformConv predicts its own offsets; build it with predict_offsets=False"),
+    ("no offset", dict(predict_offsets=False), (), ValueError,
+     r"DeformConv\(predict_offsets=False\) needs an offset argument"),
+    ("offset of other groups", dict(predict_offsets=False, offset_groups=3),
+     (X6, jnp.zeros((1, 8, 8, 18), jnp.float32)), ValueError,
+     r"offset has shape \(1, 8, 8, 18\) but this DeformConv \(offset_groups=3, kernel 3x3\) "
+     r"expects \(N, Ho, Wo, 2\*G\*kh\*kw\) = \(N, Ho, Wo, 54\)"),
+    ("mask groups", dict(predict_offsets=False),
+     (X6, jnp.zeros((1, 8, 8, 18), jnp.float32), jnp.zeros((1, 8, 8, 18), jnp.float32)),
+     ValueError, r"mask has shape \(1, 8, 8, 18\) but expected \(1, 8, 8, 9\)"),
+    ("empty output", dict(kernel_size=(5, 5), padding="VALID"),
+     (jnp.zeros((1, 3, 3, 6), jnp.float32),), ValueError,
+     r"the output would be empty: x spatial size \(3, 3\)"),
+]
+
+
+@pytest.mark.parametrize("attrs,args,error,message", [r[1:] for r in BAD], ids=[r[0] for r in BAD])
+def test_bad_arguments(attrs, args, error, message):
+    attrs = dict(dict(kernel_size=(3, 3)), **attrs)
+    with pytest.raises(error, match=message):
+        DeformConv(**attrs).init(jax.random.key(0), *(args or (X6,)))
+
+
+def test_bad_arguments_under_jit():
+    layer = DeformConv(kernel_size=(3, 3), predict_offsets=False)
+    with pytest.raises(ValueError, match=r"offset has shape \(1, 7, 8, 18\) but expected"):
+        jax.jit(layer.init)(jax.random.key(0), X6, jnp.zeros((1, 7, 8, 18), jnp.float32))

@@ -152,18 +152,37 @@ def test_from_depthwise_conv(rng):
     assert not np.allclose(np.asarray(layer.kernel[...]), np.asarray(conv.kernel[...]))
 
 
-def test_from_depthwise_conv_rejects_non_depthwise():
-    with pytest.raises(ValueError, match="not depthwise"):
-        from_depthwise_conv(nnx.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="not depthwise"):
-        from_depthwise_conv(nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="2D"):
-        from_depthwise_conv(nnx.Conv(4, 4, (3,), feature_group_count=4, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="CIRCULAR"):
-        from_depthwise_conv(nnx.Conv(4, 4, (3, 3), feature_group_count=4, padding="CIRCULAR",
-                                     rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="nnx.Conv"):
-        from_depthwise_conv(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+def _conv(*args, **kwargs):
+    return nnx.Conv(*args, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: nnx.Linear(4, 4, rngs=nnx.Rngs(0)), r"conv must be an nnx.Conv, got Linear"),
+    (lambda: _conv(4, 8, (3, 3)),
+     r"the conv is not depthwise: .*got in_features=4, feature_group_count=1, out_features=8"),
+    (lambda: _conv(4, 4, (3, 3), feature_group_count=2),
+     r"the conv is not depthwise: .*feature_group_count=2"),
+    (lambda: _conv(4, 4, (3,), feature_group_count=4),
+     r"only 2D convolutions can be converted, got kernel_size \(3,\)"),
+    (lambda: _conv(4, 4, (3, 3), feature_group_count=4, input_dilation=2),
+     r"the conv has input_dilation=2; convs with input dilation \(transposed convs\)"),
+    (lambda: _conv(4, 4, (3, 3), feature_group_count=4, mask=jnp.ones((3, 3, 1, 4))),
+     r"the conv has a kernel mask"),
+    (lambda: _conv(4, 4, (3, 3), feature_group_count=4, padding="CIRCULAR"),
+     r"padding 'CIRCULAR' is not supported: .*zero padding"),
+])
+def test_from_depthwise_conv_rejects_non_depthwise(make, message):
+    with pytest.raises(ValueError, match=message):
+        from_depthwise_conv(make())
+
+
+def test_from_depthwise_conv_checks_its_arguments():
+    conv = _conv(4, 4, (3, 3), feature_group_count=4)
+    with pytest.raises(ValueError, match=r"offset_groups=3 must divide the number of input "
+                                         r"channels \(4\)"):
+        from_depthwise_conv(conv, offset_groups=3)
+    with pytest.raises(ValueError, match=r"implementation must be one of"):
+        from_depthwise_conv(conv, implementation="cuda")
 
 
 def test_checkpoint_roundtrip(rng, tmp_path):
@@ -278,18 +297,110 @@ def test_partitioning_metadata(rng):
     np.testing.assert_allclose(np.asarray(y), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
-def test_bad_arguments(rng):
-    with pytest.raises(ValueError, match="offset_groups"):
-        DeformConv(6, (3, 3), offset_groups=4, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="CIRCULAR"):
-        DeformConv(4, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="depth_multiplier"):
-        DeformConv(4, (3, 3), depth_multiplier=0, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="kernel_size"):
-        DeformConv(4, (3, 3, 3), rngs=nnx.Rngs(0))
+PADDING_FORMS = (r"padding must be 'SAME', 'VALID', an int, \(ph, pw\) or "
+                 r"\(\(top, bottom\), \(left, right\)\)")
+
+# Each row: DeformConv(4, (3, 3), **kwargs) arguments and the message it raises
+# (all ValueError, the constructor's one exception type, except deterministic).
+BAD_CONSTRUCTOR = [
+    (dict(in_features=0), ValueError, r"in_features must be an int >= 1, got 0"),
+    (dict(in_features=4.0), ValueError, r"in_features must be an int >= 1, got 4.0"),
+    (dict(kernel_size=(3, 3, 3)), ValueError,
+     r"kernel_size must be an int or a pair of ints, got \(3, 3, 3\)"),
+    (dict(kernel_size=3.0), ValueError, r"kernel_size must be an int or a pair of ints, got 3.0"),
+    (dict(kernel_size=None), ValueError, r"kernel_size must be an int or a pair of ints, got None"),
+    (dict(kernel_size=(0, 3)), ValueError, r"kernel_size must be >= 1, got \(0, 3\)"),
+    (dict(strides=0), ValueError, r"strides must be >= 1, got 0"),
+    (dict(strides=1.5), ValueError, r"strides must be an int or a pair of ints, got 1.5"),
+    (dict(kernel_dilation=(1, 0)), ValueError, r"kernel_dilation must be >= 1, got \(1, 0\)"),
+    (dict(padding="CIRCULAR"), ValueError,
+     r"padding 'CIRCULAR' is not supported: a deformable conv samples with zero padding; "
+     r"use 'SAME', 'VALID'"),
+    (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+    (dict(padding=((1, 1), (1, -1))), ValueError,
+     r"padding must be >= 0, got \(\(1, 1\), \(1, -1\)\)"),
+    (dict(padding=1.0), ValueError, PADDING_FORMS + r", got 1.0"),
+    (dict(padding=((1, True), (1, 1))), ValueError,
+     PADDING_FORMS + r", got \(\(1, True\), \(1, 1\)\)"),
+    (dict(depth_multiplier=0), ValueError, r"depth_multiplier must be an int >= 1, got 0"),
+    (dict(depth_multiplier=True), ValueError, r"depth_multiplier must be an int >= 1, got True"),
+    (dict(offset_groups=0), ValueError, r"offset_groups must be an int >= 1, got 0"),
+    (dict(in_features=6, offset_groups=4), ValueError,
+     r"offset_groups=4 must divide the number of input channels \(6\)"),
+    (dict(dtype=jnp.int32), ValueError, r"dtype must be a floating dtype or None, got int32"),
+    (dict(implementation="cuda"), ValueError,
+     r"implementation must be one of None, 'auto', 'ffi', 'xla'; got 'cuda'"),
+    (dict(deterministic="yes"), TypeError, r"deterministic must be True, False or None, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_CONSTRUCTOR,
+                         ids=[str(k) for k, _, _ in BAD_CONSTRUCTOR])
+def test_bad_constructor_arguments(kwargs, error, message):
+    args = dict(in_features=4, kernel_size=(3, 3))
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        DeformConv(args.pop("in_features"), args.pop("kernel_size"), rngs=nnx.Rngs(0), **args)
+
+
+def _caller_layer(**kwargs):
+    return DeformConv(4, (3, 3), predict_offsets=False, rngs=nnx.Rngs(0), **kwargs)
+
+
+# Each row: a layer, the call's arguments, the error and its message.
+BAD_CALLS = [
+    ("x channels", lambda: DeformConv(4, (3, 3), rngs=nnx.Rngs(0)), (jnp.zeros((1, 8, 8, 5)),),
+     ValueError, r"x has shape \(1, 8, 8, 5\) but expected \(N, H, W, 4\)"),
+    ("x rank 3", lambda: DeformConv(4, (3, 3), rngs=nnx.Rngs(0)), (jnp.zeros((8, 8, 4)),),
+     ValueError, r"x has shape \(8, 8, 4\) but expected \(N, H, W, 4\)"),
+    ("x a list", lambda: DeformConv(4, (3, 3), rngs=nnx.Rngs(0)), ([[0.0]],),
+     TypeError, r"x must be an array \(N, H, W, 4\), got list"),
+    ("offset to a predicting layer", lambda: DeformConv(4, (3, 3), rngs=nnx.Rngs(0)),
+     (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 18))), ValueError,
+     r"this DeformConv predicts its own offsets; build it with predict_offsets=False"),
+    ("no offset", _caller_layer, (jnp.zeros((1, 8, 8, 4)),), ValueError,
+     r"DeformConv\(predict_offsets=False\) needs an offset argument"),
+    ("offset of other groups", lambda: _caller_layer(offset_groups=2),
+     (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 18))), ValueError,
+     r"offset has shape \(1, 8, 8, 18\) but this DeformConv \(offset_groups=2, kernel 3x3\) "
+     r"expects \(N, Ho, Wo, 2\*G\*kh\*kw\) = \(N, Ho, Wo, 36\)"),
+    ("offset spatial", _caller_layer, (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 7, 8, 18))),
+     ValueError, r"offset has shape \(1, 7, 8, 18\) but expected \(1, 8, 8, 18\)"),
+    ("mask groups", _caller_layer,
+     (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 18)), jnp.zeros((1, 8, 8, 18))), ValueError,
+     r"mask has shape \(1, 8, 8, 18\) but expected \(1, 8, 8, 9\) = \(N, Ho, Wo, G\*kh\*kw\)"),
+    ("empty output", lambda: DeformConv(4, (5, 5), padding="VALID", rngs=nnx.Rngs(0)),
+     (jnp.zeros((1, 3, 3, 4)),), ValueError, r"the output would be empty: x spatial size \(3, 3\)"),
+]
+
+
+@pytest.mark.parametrize("make,args,error,message", [r[1:] for r in BAD_CALLS],
+                         ids=[r[0] for r in BAD_CALLS])
+def test_bad_calls(make, args, error, message):
+    layer = make()
+    args = tuple(jnp.asarray(a, jnp.float32) if hasattr(a, "dtype") else a for a in args)
+    with pytest.raises(error, match=message):
+        layer(*args)
+
+
+def test_bad_calls_under_jit():
     layer = DeformConv(4, (3, 3), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"\(N, H, W, 4\)"):
-        layer(_x(rng, (1, 8, 8, 5)))
+    with pytest.raises(ValueError, match=r"x has shape \(1, 8, 8, 5\) but expected \(N, H, W, 4\)"):
+        nnx.jit(lambda m, v: m(v))(layer, jnp.zeros((1, 8, 8, 5), jnp.float32))
+    caller = _caller_layer()
+    with pytest.raises(ValueError, match=r"offset has shape \(1, 7, 8, 18\) but expected"):
+        nnx.jit(lambda m, v, o: m(v, o))(caller, jnp.zeros((1, 8, 8, 4), jnp.float32),
+                                         jnp.zeros((1, 7, 8, 18), jnp.float32))
+
+
+def test_sampling_offsets_errors():
+    with pytest.raises(ValueError, match=r"built with predict_offsets=False and has no offset "
+                                         r"predictor"):
+        _caller_layer().sampling_offsets(jnp.zeros((1, 8, 8, 4), jnp.float32))
+    # Checked before the offset predictor's conv, which would fail with lax's words.
+    with pytest.raises(ValueError, match=r"x has shape \(1, 8, 8, 5\) but expected \(N, H, W, 4\)"):
+        DeformConv(4, (3, 3), rngs=nnx.Rngs(0)).sampling_offsets(
+            jnp.zeros((1, 8, 8, 5), jnp.float32))
 
 
 def test_import_without_flax_does_not_import_flax():

@@ -74,11 +74,122 @@ def test_positions_formula_by_hand():
     np.testing.assert_allclose(pos[0, 0, 0, 0], (-1, -2))
 
 
-def test_sampling_positions_errors():
-    with pytest.raises(ValueError, match="input_size"):
-        viz.sampling_positions(np.zeros((2, 2, 18)), kernel_size=3, padding="SAME")
-    with pytest.raises(ValueError, match="2\\*G\\*9"):
-        viz.sampling_positions(np.zeros((2, 2, 10)), kernel_size=3)
+OFF = np.zeros((4, 4, 18))  # a 3x3 kernel, G = 1, Ho = Wo = 4
+
+# Each row: sampling_positions' keyword arguments besides offset=OFF, the error and its message.
+BAD_POSITIONS = [
+    ("SAME without size", dict(padding="SAME"), ValueError,
+     r"padding='SAME' needs input_size=\(H, W\)"),
+    ("offset channels", dict(offset=np.zeros((2, 2, 10))), ValueError,
+     r"offset has shape \(2, 2, 10\) but expected \(\.\.\., Ho, Wo, 2\*G\*kh\*kw\) = "
+     r"\(\.\.\., Ho, Wo, 2\*G\*9\) for a 3x3 kernel"),
+    ("offset rank 2", dict(offset=np.zeros((4, 18))), ValueError, r"offset has shape \(4, 18\)"),
+    ("kernel_size 0", dict(kernel_size=0), ValueError, r"kernel_size must be >= 1, got 0"),
+    ("kernel_size float", dict(kernel_size=3.0), TypeError,
+     r"kernel_size must be an int or a pair of ints, got 3.0"),
+    ("stride 0", dict(stride=0), ValueError, r"stride must be >= 1, got 0"),
+    ("dilation 3D", dict(dilation=(1, 1, 1)), TypeError,
+     r"dilation must be an int or a pair of ints, got \(1, 1, 1\)"),
+    ("padding negative", dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+    ("padding REFLECT", dict(padding="REFLECT"), ValueError,
+     r"padding must be 'SAME', 'VALID', an int, \(ph, pw\) or "
+     r"\(\(top, bottom\), \(left, right\)\), got 'REFLECT'"),
+    ("input_size", dict(padding="SAME", input_size=(8, 8, 3)), ValueError,
+     r"input_size must be \(H, W\), two ints >= 1, got \(8, 8, 3\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", [r[1:] for r in BAD_POSITIONS],
+                         ids=[r[0] for r in BAD_POSITIONS])
+def test_sampling_positions_errors(kwargs, error, message):
+    kwargs = dict(dict(offset=OFF, kernel_size=3), **kwargs)
+    with pytest.raises(error, match=message):
+        viz.sampling_positions(kwargs.pop("offset"), **kwargs)
+
+
+def _layer(**kwargs):
+    return viz.SamplingLayer(**dict(dict(offset=OFF, kernel_size=3, padding=1), **kwargs))
+
+
+# Each row: trace_sampling_points' (layers, pixel), the error and its message.
+BAD_TRACES = [
+    ("no layers", ([], (0, 0)), ValueError, r"layers is empty: need at least one SamplingLayer"),
+    ("one layer, not a list", (_layer(), (0, 0)), TypeError,
+     r"layers must be a list of SamplingLayer, got SamplingLayer"),
+    ("not a SamplingLayer", ([OFF], (0, 0)), TypeError,
+     r"layers must hold SamplingLayer objects, got ndarray"),
+    ("offset batch of 2", ([_layer(offset=np.zeros((2, 4, 4, 18)))], (0, 0)), ValueError,
+     r"offset has shape \(2, 4, 4, 18\) but expected \(Ho, Wo, 2\*G\*kh\*kw\) for one example"),
+    ("group too large", ([_layer(group=1)], (0, 0)), ValueError,
+     r"group must be an int in \[0, G\) = \[0, 1\) for offsets of shape \(4, 4, 18\), got 1"),
+    ("group negative", ([_layer(group=-1)], (0, 0)), ValueError, r"got -1"),
+    ("mask groups", ([_layer(mask=np.ones((4, 4, 18)))], (0, 0)), ValueError,
+     r"mask has shape \(4, 4, 18\) but expected \(4, 4, 9\) = \(Ho, Wo, G\*kh\*kw\) with G = 1"),
+    ("mask grid", ([_layer(mask=np.ones((3, 4, 9)))], (0, 0)), ValueError,
+     r"mask has shape \(3, 4, 9\) but expected \(4, 4, 9\)"),
+    ("pixel outside", ([_layer()], (4, 0)), ValueError,
+     r"pixel = \(4, 0\) is outside the output grid \(Ho, Wo\) = \(4, 4\)"),
+    ("pixel negative", ([_layer()], (0, -1)), ValueError, r"pixel = \(0, -1\) is outside"),
+    ("pixel not a pair", ([_layer()], 1), ValueError,
+     r"pixel must be \(ho, wo\), a pair of ints, got 1"),
+    ("pixel float", ([_layer()], (1.0, 1)), ValueError,
+     r"pixel must be \(ho, wo\), a pair of ints, got \(1.0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("args,error,message", [r[1:] for r in BAD_TRACES],
+                         ids=[r[0] for r in BAD_TRACES])
+def test_trace_errors(args, error, message):
+    with pytest.raises(error, match=message):
+        viz.trace_sampling_points(*args)
+
+
+def _plot_one(**kwargs):
+    args = dict(image=np.zeros((8, 8)), offset=OFF, pixels=[(0, 0)], kernel_size=3, padding=1)
+    args.update(kwargs)
+    return viz.plot_sampling_points(args.pop("image"), args.pop("offset"), args.pop("pixels"),
+                                    **args)
+
+
+def _plot_traced(**kwargs):
+    args = dict(image=np.zeros((4, 4)), layers=[_layer(input_size=(4, 4))], pixels=[(0, 0)])
+    args.update(kwargs)
+    return viz.plot_traced_points(args.pop("image"), args.pop("layers"), args.pop("pixels"),
+                                  **args)
+
+
+BAD_PLOTS = [
+    ("image shape", lambda: _plot_one(image=np.zeros((8, 8, 2))),
+     r"image has shape \(8, 8, 2\) but expected \(H, W\), \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\)"),
+    ("one pixel, not a list", lambda: _plot_one(pixels=(1, 1)),
+     r"pixels must be a list of \(ho, wo\) pairs, got \(1, 1\)"),
+    ("pixel outside", lambda: _plot_one(pixels=[(0, 0), (9, 0)]),
+     r"pixels\[1\] = \(9, 0\) is outside the output grid \(Ho, Wo\) = \(4, 4\)"),
+    ("mask shape", lambda: _plot_one(mask=np.ones((4, 4, 4))),
+     r"mask has shape \(4, 4, 4\) but expected \(4, 4, 9\)"),
+    ("group", lambda: _plot_one(group=3), r"group must be an int in \[0, G\) = \[0, 1\)"),
+    ("traced: image shape", lambda: _plot_traced(image=np.zeros((1, 4, 4, 3))),
+     r"image has shape \(1, 4, 4, 3\) but expected"),
+    ("traced: no pixels", lambda: _plot_traced(pixels=[]),
+     r"pixels is empty: need at least one \(ho, wo\)"),
+    ("traced: one pixel, not a list", lambda: _plot_traced(pixels=(1, 1)),
+     r"pixels must be a list of \(ho, wo\) pairs, got \(1, 1\)"),
+    ("traced: titles", lambda: _plot_traced(pixels=[(0, 0), (1, 1)], titles=["a"]),
+     r"titles has 1 entries but pixels has 2"),
+    ("traced: axes", lambda: _plot_traced(axes=[None, None]),
+     r"axes has 2 Axes but pixels has 1; need one each"),
+    ("traced: no reference layers", lambda: _plot_traced(reference_layers=[]),
+     r"reference_layers is empty: pass None or at least one SamplingLayer"),
+    ("traced: pixel outside", lambda: _plot_traced(pixels=[(0, 4)]),
+     r"pixel = \(0, 4\) is outside the output grid"),
+]
+
+
+@pytest.mark.parametrize("plot,message", [r[1:] for r in BAD_PLOTS], ids=[r[0] for r in BAD_PLOTS])
+def test_plot_errors(plot, message):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError, match=message):
+        plot()
 
 
 def test_trace_two_plain_layers_covers_5x5_with_binomial_counts():
