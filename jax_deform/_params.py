@@ -28,6 +28,9 @@ class ConvParams:
     stride: tuple[int, int]
     padding: tuple[int, int]  # (top, left); bottom/right only set the output size
     dilation: tuple[int, int]
+    # implementation='ffi': a platform without a compiled kernel is an error,
+    # not a silent switch to the pure-jnp computation.
+    kernel_required: bool = False
 
     def ffi_attrs(self) -> dict[str, np.int64]:
         return dict(

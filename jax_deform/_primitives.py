@@ -166,6 +166,25 @@ for _platform in KERNEL_PLATFORMS:
         _backward_lowering_cuda if _platform == "cuda" else _backward_lowering,
         platform=_platform,
     )
-# Platforms without a compiled kernel lower to the pure-jnp computation.
-mlir.register_lowering(forward_p, mlir.lower_fun(_forward_fallback, multiple_results=False))
-mlir.register_lowering(backward_p, mlir.lower_fun(_backward_fallback, multiple_results=True))
+
+
+def _fallback_lowering(fallback, multiple_results):
+    """Platforms without a compiled kernel lower to the pure-jnp computation,
+    unless the caller asked for the kernel (implementation='ffi')."""
+    lower = mlir.lower_fun(fallback, multiple_results=multiple_results)
+
+    def lowering(ctx, *args, params: ConvParams, **kwargs):
+        if params.kernel_required:
+            platforms = ", ".join(ctx.module_context.platforms)
+            built = ", ".join(sorted(KERNEL_PLATFORMS)) or "none"
+            raise ValueError(
+                f"implementation='ffi' but jax_deform has no compiled kernel for {platforms} "
+                f"(built for: {built}); use implementation=None or 'xla' there"
+            )
+        return lower(ctx, *args, params=params, **kwargs)
+
+    return lowering
+
+
+mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
+mlir.register_lowering(backward_p, _fallback_lowering(_backward_fallback, True))

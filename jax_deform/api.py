@@ -3,6 +3,7 @@ the caller's data_format."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -109,5 +110,6 @@ def deform_conv2d(
     else:
         if deterministic is None:
             deterministic = deterministic_by_default()
+        params = dataclasses.replace(params, kernel_required=implementation == "ffi")
         y = deform_conv2d_ffi(x, offset, mask, weight, bias, params, bool(deterministic))
     return from_nhwc(data_format, y)

@@ -10,6 +10,7 @@ if _FLAGS not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 import jax_deform  # noqa: E402
 
@@ -19,6 +20,11 @@ if "cpu" not in jax_deform.kernel_platforms():
         "jax_deform's compiled extension is not importable; install as README.md says "
         "(pip install -e ...) before running the tests"
     )
+
+# Property tests: a few examples by default (fast CI); `--hypothesis-profile=long`
+# for a thorough run on a GPU machine.
+settings.register_profile("default", max_examples=15, deadline=None)
+settings.register_profile("long", max_examples=200, deadline=None)
 
 # float64 references need x64; kernel inputs are always created with explicit dtypes.
 jax.config.update("jax_enable_x64", True)

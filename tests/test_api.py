@@ -467,6 +467,26 @@ def test_float64_needs_the_xla_path():
     assert y.dtype == jnp.float64
 
 
+def test_ffi_insists_on_a_compiled_kernel_for_the_platform():
+    # No platform is built for TPU: lowering for it (an export needs no TPU)
+    # takes the pure-jnp computation, unless the caller insisted on the kernel.
+    from jax import export
+
+    a = _good()
+
+    def exported(implementation):
+        def loss(x, offset, weight):
+            return jax_deform.deform_conv2d(x, offset, weight, padding=1,
+                                            implementation=implementation).sum()
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return export.export(f, platforms=["tpu"])(a["x"], a["offset"], a["weight"])
+
+    assert "jax_deform_forward" not in exported(None).mlir_module()
+    with pytest.raises(ValueError, match=r"implementation='ffi' but jax_deform has no compiled "
+                                         r"kernel for tpu \(built for: .*cpu"):
+        exported("ffi")
+
+
 def test_ffi_without_the_extension_is_named(monkeypatch):
     from jax_deform import api
 

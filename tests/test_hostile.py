@@ -98,32 +98,55 @@ def test_nonfinite_data_propagates_like_ieee(rng, device, value):
     assert np.isfinite(np.asarray(y)[..., [0, 2, 3]]).all()
 
 
-@settings(max_examples=15, deadline=None)
+# Tolerances per dtype (relative, whole-array): the oracle sees the same rounded
+# inputs, so only the kernel's float32 arithmetic and the final rounding count.
+_PROPERTY_TOL = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 3e-2), "float16": (3e-3, 5e-3)}
+
+
+@settings(deadline=None)  # example count: the profile (tests/conftest.py)
 @given(
     n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
     groups=st.sampled_from([1, 2, 3]), cg=st.integers(1, 4), multiplier=st.integers(1, 3),
     kh=st.integers(1, 4), kw=st.integers(1, 4), stride=st.integers(1, 3),
     dilation=st.integers(1, 2), pad=st.integers(0, 3), with_mask=st.booleans(),
     with_bias=st.booleans(), offsets=st.sampled_from(["random", "integer", "half"]),
+    dtype=st.sampled_from(list(_PROPERTY_TOL)), nchw=st.booleans(), deterministic=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_random_problems_match_the_oracle(n, h, w, groups, cg, multiplier, kh, kw, stride,
-                                          dilation, pad, with_mask, with_bias, offsets, seed):
+                                          dilation, pad, with_mask, with_bias, offsets, dtype,
+                                          nchw, deterministic, seed):
     if (h + 2 * pad - dilation * (kh - 1) - 1) < 0 or (w + 2 * pad - dilation * (kw - 1) - 1) < 0:
         return  # empty output: covered by the error tests
     rng = np.random.default_rng(seed)
     p = make_problem(rng, n=n, h=h, w=w, c=groups * cg, kernel=(kh, kw), stride=stride,
                      padding=pad, dilation=dilation, groups=groups, multiplier=multiplier,
                      with_mask=with_mask, with_bias=with_bias, offsets=offsets)
-    args = p.args(np.float32)
-    assert rel_err(_ffi(*args, **p.kwargs()), p.expected()) < 1e-5
-    cot = rng.standard_normal(p.expected().shape)
+    forward_tol, grad_tol = _PROPERTY_TOL[dtype]
+    args = p.args(dtype)
+    rounded = [None if a is None else np.asarray(a, np.float64) for a in args]
+    p.x, p.offset, p.weight, p.mask, p.bias = rounded
+    cot = np.asarray(jnp.asarray(rng.standard_normal(p.expected().shape), dtype), np.float64)
+    to_nchw = (lambda a: jnp.transpose(a, (0, 3, 1, 2))) if nchw else (lambda a: a)
+    from_nchw = (lambda a: jnp.transpose(a, (0, 2, 3, 1))) if nchw else (lambda a: a)
+
+    def ours(x, offset, weight, mask, bias):
+        y = _ffi(to_nchw(x), to_nchw(offset), weight, None if mask is None else to_nchw(mask),
+                 bias, data_format="NCHW" if nchw else "NHWC", deterministic=deterministic,
+                 **p.kwargs())
+        return from_nchw(y)
+
+    y = ours(*args)
+    assert y.dtype == dtype
+    assert rel_err(y, p.expected()) < forward_tol
     argnums = tuple(i for i, a in enumerate(args) if a is not None)
-    got = jax.grad(lambda *a: jnp.sum(_ffi(*a, **p.kwargs()) * cot), argnums)(*args)
+    got = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float64) * cot), argnums)(*args)
     want = jax.grad(lambda *a: jnp.sum(reference.deform_conv2d(*a, **p.kwargs()) * cot), argnums)(
-        *[None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in args])
-    for g, wnt in zip(got, want):
-        assert rel_err(g, wnt) < 1e-4
+        *[None if a is None else jnp.asarray(a) for a in rounded])
+    for i, g, wnt in zip(argnums, got, want):
+        name = ("x", "offset", "weight", "mask", "bias")[i]
+        assert g.dtype == dtype, name
+        assert rel_err(g, wnt) < grad_tol, name
 
 
 def test_calls_from_many_threads(rng, device):
@@ -193,6 +216,67 @@ def test_more_than_2_to_the_31_elements():
                 want += wk[k] * np.asarray(x[b, yy, xx], np.float64)
         got = np.asarray(y[b, oy, ox], np.float64)
         assert np.abs(got - want).max() < 0.05 * (np.abs(want).max() + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_more_than_2_to_the_31_elements_backward(deterministic):
+    # The cotangent is nonzero on a few whole output rows, the last ones among
+    # them (flat indices past 2^31). With offsets within a pixel, row oy only
+    # touches input rows oy-2..oy+2, so each row's gradients equal those of the
+    # float64 reference run on a 7-row crop around it; every other gradient
+    # element must be exactly zero.
+    device = device_of("gpu")
+    n, h, w, c = 2, 1024, 1024, 1032
+    assert n * h * w * c > 2**31
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    with jax.default_device(device):
+        x = jax.random.normal(keys[0], (n, h, w, c), jnp.bfloat16)
+        offset = (jax.random.randint(keys[1], (n, h, w, 18), -2, 3) / 2).astype(jnp.bfloat16)
+        mask = jax.random.uniform(keys[2], (n, h, w, 9), jnp.bfloat16)
+        weight = jax.random.normal(keys[3], (3, 3, 1, c), jnp.bfloat16)
+        bias = jnp.zeros((c,), jnp.bfloat16)
+        rows = [(0, 0), (1, 1), (1, 700), (1, h - 1)]
+        rng = np.random.default_rng(0)
+        row_cots = [jnp.asarray(rng.standard_normal((w, c)), jnp.bfloat16) for _ in rows]
+        cot = jnp.zeros((n, h, w, c), jnp.bfloat16)
+        for (b, oy), row in zip(rows, row_cots):
+            cot = cot.at[b, oy].set(row)
+
+        def conv(*a):
+            return _ffi(*a, padding=1, deterministic=deterministic)
+
+        grads = jax.jit(lambda a, g: jax.vjp(conv, *a)[1](g))((x, offset, weight, mask, bias), cot)
+        gx, goff, gw, gm, gb = grads
+        del cot
+
+        want_gw = np.zeros((3, 3, 1, c))
+        want_gb = np.zeros(c)
+        windows = []
+        for (b, oy), row in zip(rows, row_cots):
+            r0, r1 = max(0, oy - 3), min(h, oy + 4)
+            windows.append((b, r0, r1, oy))
+            crop = [jnp.asarray(a[b:b + 1, r0:r1], jnp.float64) for a in (x, offset, mask)]
+            crop_cot = jnp.zeros((1, r1 - r0, w, c), jnp.float64).at[0, oy - r0].set(
+                jnp.asarray(row, jnp.float64))
+            _, vjp = jax.vjp(
+                lambda xx, oo, ww, mm: reference.deform_conv2d(xx, oo, ww, mm, padding=1),
+                crop[0], crop[1], jnp.asarray(weight, jnp.float64), crop[2])
+            r_gx, r_goff, r_gw, r_gm = (np.asarray(g) for g in vjp(crop_cot))
+            assert rel_err(gx[b, r0:r1], r_gx[0]) < 2e-2
+            assert rel_err(goff[b, oy], r_goff[0, oy - r0]) < 2e-2
+            assert rel_err(gm[b, oy], r_gm[0, oy - r0]) < 2e-2
+            want_gw += r_gw
+            want_gb += np.asarray(row, np.float64).sum(0)
+        assert rel_err(gw, want_gw) < 2e-2
+        assert rel_err(gb, want_gb) < 2e-2
+        for b, r0, r1, oy in windows:  # everything outside the windows is exactly zero
+            gx = gx.at[b, r0:r1].set(0)
+            goff = goff.at[b, oy].set(0)
+            gm = gm.at[b, oy].set(0)
+        assert float(jnp.abs(gx).max()) == 0.0
+        assert float(jnp.abs(goff).max()) == 0.0
+        assert float(jnp.abs(gm).max()) == 0.0
 
 
 _CAPTURE_SCRIPT = """
