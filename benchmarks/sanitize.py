@@ -1,10 +1,12 @@
-"""Runs the CUDA kernels on odd shapes and hostile offsets, for compute-sanitizer:
+"""Runs the CUDA kernels through XLA on odd shapes and hostile offsets, for
+compute-sanitizer's memcheck and racecheck:
 
-    compute-sanitizer --tool memcheck --kernel-name regex:jax_deform python3 benchmarks/sanitize.py
+    compute-sanitizer --tool memcheck --kernel-name kns=jax_deform python3 benchmarks/sanitize.py
 
-(also racecheck; initcheck needs every kernel instrumented, without
---kernel-name, or writes by XLA's own kernels look uninitialized). Each case runs forward, fast backward and
-deterministic backward in float32 and bfloat16.
+initcheck runs on the kernels alone (benchmarks/sanitize_kernels.cu, same
+cases): inside XLA, filtered, it cannot see the writes of XLA's own kernels.
+Each case runs forward, fast backward and deterministic backward in float32 and
+bfloat16.
 """
 
 import sys
