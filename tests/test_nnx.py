@@ -268,6 +268,7 @@ def test_caller_offsets_equal_op(rng):
         predicting(x, jnp.zeros((2, 9, 8, 18), jnp.float32))
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
 def test_partitioning_metadata(rng):
     mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2],
                          axis_types=(jax.sharding.AxisType.Auto,))
