@@ -67,19 +67,17 @@ ConvShape ShapeOf(const Case& k, bool has_mask) {
 
 // A device copy of `values` in the kernel's dtype, written by cudaMemcpy.
 void* Upload(const std::vector<float>& values, Dtype dtype) {
-  void* device = nullptr;
-  if (dtype == Dtype::kF32) {
-    Check(cudaMalloc(&device, values.size() * sizeof(float)), "cudaMalloc");
-    Check(cudaMemcpy(device, values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice),
-          "upload");
-  } else {
-    std::vector<__nv_bfloat16> rounded(values.size());
-    for (size_t i = 0; i < values.size(); ++i) rounded[i] = __float2bfloat16(values[i]);
-    Check(cudaMalloc(&device, rounded.size() * sizeof(__nv_bfloat16)), "cudaMalloc");
-    Check(cudaMemcpy(device, rounded.data(), rounded.size() * sizeof(__nv_bfloat16),
-                     cudaMemcpyHostToDevice),
-          "upload");
+  std::vector<__nv_bfloat16> rounded;
+  const void* host = values.data();
+  size_t bytes = values.size() * sizeof(float);
+  if (dtype == Dtype::kBF16) {
+    for (float v : values) rounded.push_back(__float2bfloat16(v));
+    host = rounded.data();
+    bytes = rounded.size() * sizeof(__nv_bfloat16);
   }
+  void* device = nullptr;
+  Check(cudaMalloc(&device, bytes), "cudaMalloc");
+  Check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "upload");
   return device;
 }
 

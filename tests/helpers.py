@@ -38,6 +38,14 @@ class Problem:
 
         return put(self.x), put(self.offset), put(self.weight), put(self.mask), put(self.bias)
 
+    def round_to(self, dtype):
+        """Rounds the data to `dtype` in place (kept in float64), so that the
+        oracle sees exactly what a kernel in `dtype` reads."""
+        for name in ("x", "offset", "weight", "mask", "bias"):
+            a = getattr(self, name)
+            if a is not None:
+                setattr(self, name, np.asarray(jnp.asarray(a, dtype), np.float64))
+
     def kwargs(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
 
