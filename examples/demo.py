@@ -31,7 +31,7 @@ def main():
         raise SystemExit(1)
 
     shape = (4, 32, 32, 64) if jax.default_backend() == "cpu" else (16, 64, 64, 512)
-    report = bench.run([shape], ["float32"], repeats=5, calls=3, with_torch=False)
+    report = bench.run([bench.Case(*shape)], ["float32"], repeats=5, calls=3, with_torch=False)
     print(bench.format_table(report))
 
 
