@@ -2,7 +2,7 @@
 // offsets, for compute-sanitizer's memcheck, racecheck and initcheck:
 //
 //   nvcc -std=c++17 -O2 -arch=sm_90 --expt-relaxed-constexpr -I lib \
-//       lib/cuda_kernels.cu benchmarks/sanitize_kernels.cu -o sanitize_kernels
+//       lib/cuda_forward.cu lib/cuda_backward.cu lib/cuda_grad_x_gather.cu benchmarks/sanitize_kernels.cu -o sanitize_kernels
 //   compute-sanitizer --tool initcheck --error-exitcode 1 ./sanitize_kernels
 //
 // Every buffer is its own cudaMalloc, inputs are written only by cudaMemcpy and

@@ -297,7 +297,8 @@ def torch_rows(case: Case, dtype_name: str, repeats: int) -> dict:
 
 
 def run(cases: Sequence[Case], dtypes: Sequence[str], repeats: int = 20, calls: int = 10,
-        with_reference: bool = False, with_torch: bool = True) -> dict:
+        with_reference: bool = False, with_torch: bool = True,
+        only: Sequence[str] | None = None, modes: Sequence[str] = ("fwd", "fwd+bwd")) -> dict:
     device = jax.devices()[0]
     platform = "gpu" if device.platform in ("gpu", "cuda") else device.platform
     profile = platform == "gpu"
@@ -313,8 +314,12 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], repeats: int = 20, calls: 
                 contenders.append((REFERENCE, ours(case, "xla")))
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
+                if mode not in modes:
+                    continue
                 extra = [(OURS_DETERMINISTIC, ours(case, deterministic=True))] if backward else []
                 for name, fn in contenders + extra:
+                    if only and name not in only:
+                        continue
                     fn = with_backward(fn) if backward else fn
                     # the jnp path is slow and memory-hungry: two distinct calls
                     use = sets[:2] if name == REFERENCE else sets
@@ -336,7 +341,7 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], repeats: int = 20, calls: 
                                     impl="DRAM floor", kernel_ms=None, top_kernels_ms={},
                                     ms=floor_bytes(case, dtype.itemsize, backward) / bandwidth * 1e3))
             del sets
-            if with_torch and platform == "gpu":
+            if with_torch and platform == "gpu" and (not only or "torchvision groups=C" in only):
                 for mode, t in torch_rows(case, dtype_name, repeats).items():
                     results.append(dict(case=dataclasses.asdict(case), dtype=dtype_name, mode=mode,
                                         impl="torchvision groups=C", ms=t * 1e3, kernel_ms=None,
@@ -412,13 +417,17 @@ def main(argv=None):
                         help="distinct calls (and input sets) per timed program")
     parser.add_argument("--reference", action="store_true", help="also time the slow jnp path")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--only", action="append",
+                        help="time only this implementation (repeatable), e.g. jax_deform")
+    parser.add_argument("--mode", action="append", choices=["fwd", "fwd+bwd"])
     parser.add_argument("--json", default="bench_results.json", help="where to write the results")
     parser.add_argument("--plot", help="PNG of speed-ups over torchvision")
     args = parser.parse_args(argv)
     cases = ([Case(*s, kernel=args.kernel, stride=args.stride) for s in args.shape]
              if args.shape else SUITES[args.suite])
     report = run(cases, args.dtype or ["float32", "bfloat16"], repeats=args.repeats,
-                 calls=args.calls, with_reference=args.reference, with_torch=not args.no_torch)
+                 calls=args.calls, with_reference=args.reference, with_torch=not args.no_torch,
+                 only=args.only, modes=args.mode or ("fwd", "fwd+bwd"))
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     if args.plot:

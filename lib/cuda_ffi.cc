@@ -76,9 +76,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
         cudaMemsetAsync(grad_weight->typed_data(), 0, grad_weight->size_bytes(), stream));
   }
   if (err = CheckLimits(s); err.failure()) return err;
-  if (deterministic && (s.n * s.h * s.w * s.groups >= std::numeric_limits<uint32_t>::max() ||
-                        s.n * s.ho * s.wo * s.groups * s.taps() * 4 >=
-                            std::numeric_limits<uint32_t>::max())) {
+  if (deterministic && !DeterministicBackwardFits(s)) {
     return ffi::Error::InvalidArgument(
         "deform_conv2d (CUDA): the deterministic backward indexes contributions with 32 bits; "
         "this problem is too large for it (use deterministic=False or split the batch)");

@@ -22,10 +22,13 @@ cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape&
 // Bytes of device scratch LaunchBackwardCuda needs for this shape.
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic);
 
+// Whether the deterministic backward's 32-bit contribution indices cover s.
+bool DeterministicBackwardFits(const ConvShape& s);
+
 // Gradients (all float32) for x, offset, mask (if s.has_mask) and weight
 // (kh*kw, C*M). `scratch` holds BackwardScratchBytes(s, dtype, deterministic) bytes.
 // grad_offset, grad_mask and grad_weight are always computed in a fixed order;
-// `deterministic` also makes grad_x free of float atomics.
+// `deterministic` also makes grad_x free of float atomics (a sorted gather).
 cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
                                bool deterministic, const void* x, const void* offset,
                                const void* mask, const void* weight, const void* grad_y,

@@ -1,0 +1,268 @@
+// Backward kernels of depthwise deformable convolution, channels last.
+//
+// The tile kernel re-walks the forward's tiles: grad_offset and grad_mask are
+// reduced over the channels of a group with warp shuffles and then in shared
+// memory, always in the same order; grad_weight is reduced per block in a
+// fixed order into per-tile partial sums, then summed over tiles in order by a
+// second kernel. grad_x is a scatter: either float atomics from the tile
+// kernel (vector atomics on sm_90), or a separate gather over
+// destination-sorted contributions (cuda_grad_x_gather.cu), bitwise
+// reproducible and chosen whenever determinism is asked for.
+#include "cuda_common.cuh"
+#include "cuda_grad_x_gather.h"
+
+namespace jax_deform {
+namespace {
+
+using namespace cuda_detail;  // NOLINT: this file's own helpers
+
+__device__ __forceinline__ float SumOverLanes(float v, int lanes) {
+  for (int d = lanes / 2; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+
+// Everything but grad_x's scatter is written in a fixed order here; grad_x is
+// scattered with atomics when `scatter` is set (the fast path).
+// MINB: blocks per SM the register budget must allow (1: no cap).
+template <typename T, int V, int MB, int MINB>
+__global__ void __launch_bounds__(kMaxThreads, MINB)
+    BackwardKernel(ConvShape s, TileGrid tg, int lanes, bool scatter, const T* __restrict__ x,
+                   const T* __restrict__ offset, const T* __restrict__ mask,
+                   const T* __restrict__ weight, const T* __restrict__ grad_y,
+                   float* __restrict__ grad_x, float* __restrict__ grad_offset,
+                   float* __restrict__ grad_mask, float* __restrict__ weight_partial) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int taps = static_cast<int>(s.taps());
+  const int tile_pixels = tg.pixels;
+  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
+  TapGeometry* geom = reinterpret_cast<TapGeometry*>(pixel_of + tile_pixels);
+  float* tap_sums = reinterpret_cast<float*>(geom + tile_pixels * taps);  // [pixel][tap][3]
+  float* weight_sums = tap_sums + tile_pixels * taps * 3;                 // [threads][V*MB]
+
+  const int64_t g = blockIdx.y;
+  TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
+  for (int e = threadIdx.x; e < tile_pixels * taps * 3; e += blockDim.x) tap_sums[e] = 0.f;
+  __syncthreads();
+
+  const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
+  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
+  const int vectors = static_cast<int>(cg / V);
+  const int lane = threadIdx.x % lanes, pixel_group = threadIdx.x / lanes;
+  const int groups_of_pixels = blockDim.x / lanes;
+  // Every thread runs the same number of iterations so the shuffles line up.
+  const int pixel_rounds = (tile_pixels + groups_of_pixels - 1) / groups_of_pixels;
+  for (int64_t j0 = 0; j0 < m; j0 += MB) {
+    for (int vec0 = 0; vec0 < vectors; vec0 += lanes) {
+      const int vec = vec0 + lane;
+      const bool channel_active = vec < vectors;
+      const int64_t c = g * cg + static_cast<int64_t>(channel_active ? vec : 0) * V;
+      for (int k = 0; k < taps; ++k) {
+        float weight_acc[V * MB];
+#pragma unroll
+        for (int i = 0; i < V * MB; ++i) weight_acc[i] = 0.f;
+        const T* wk = weight + k * cm;
+        for (int round = 0; round < pixel_rounds; ++round) {
+          const int lp = round * groups_of_pixels + pixel_group;
+          const int64_t pixel = lp < tile_pixels ? pixel_of[lp] : -1;
+          const bool active = channel_active && pixel >= 0;
+          float sum_val = 0.f, sum_dy = 0.f, sum_dx = 0.f;
+          if (active) {
+            const int64_t image = pixel / img_pixels;
+            const TapGeometry t = geom[lp * taps + k];
+            const Bilinear b = ToBilinear(t);
+            float wgt[4], wy[4], wx[4];
+            CornerWeights(b, wgt);
+            CornerWeightGrads(b, wy, wx);
+            const T* gy = grad_y + pixel * cm;
+            float gcol[V], gyv[V * MB];
+            if (MB == 1 && m == 1) {
+              float gv[V], wv[V];
+              LoadVec<T, V>(gy + c, gv);
+              LoadVec<T, V>(wk + c, wv);
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                gyv[v] = gv[v];
+                gcol[v] = gv[v] * wv[v];
+              }
+            } else {
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                float sum = 0.f;
+                for (int64_t j = 0; j < m; ++j) sum += ToF(wk[(c + v) * m + j]) * ToF(gy[(c + v) * m + j]);
+                gcol[v] = sum;
+#pragma unroll
+                for (int jj = 0; jj < MB; ++jj) {
+                  gyv[v * MB + jj] = j0 + jj < m ? ToF(gy[(c + v) * m + j0 + jj]) : 0.f;
+                }
+              }
+            }
+            float val[V], dvy[V], dvx[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) val[v] = dvy[v] = dvx[v] = t.poison;
+            const T* xc = x + image * hw * s.c + c;
+            float* gxc = grad_x + image * hw * s.c + c;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              if (!((t.valid >> i) & 1u)) continue;
+              float corner[V];
+              LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c, corner);
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                val[v] += wgt[i] * corner[v];
+                dvy[v] += wy[i] * corner[v];
+                dvx[v] += wx[i] * corner[v];
+              }
+              if (scatter && j0 == 0) {
+                float contrib[V];
+#pragma unroll
+                for (int v = 0; v < V; ++v) contrib[v] = t.mask * wgt[i] * gcol[v];
+                AtomicAddVec<V>(gxc + static_cast<int64_t>(t.corner[i]) * s.c, contrib);
+              }
+            }
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              sum_val += gcol[v] * val[v];
+              sum_dy += gcol[v] * dvy[v];
+              sum_dx += gcol[v] * dvx[v];
+#pragma unroll
+              for (int jj = 0; jj < MB; ++jj) weight_acc[v * MB + jj] += t.mask * val[v] * gyv[v * MB + jj];
+            }
+            sum_dy *= t.mask;
+            sum_dx *= t.mask;
+          }
+          if (j0 == 0) {
+            sum_val = SumOverLanes(sum_val, lanes);
+            sum_dy = SumOverLanes(sum_dy, lanes);
+            sum_dx = SumOverLanes(sum_dx, lanes);
+            if (lane == 0 && pixel >= 0) {
+              float* ts = tap_sums + (lp * taps + k) * 3;
+              ts[0] += sum_val;
+              ts[1] += sum_dy;
+              ts[2] += sum_dx;
+            }
+          }
+        }
+        // grad_weight of this tap: sum the pixel groups in order.
+        float* mine = weight_sums + threadIdx.x * (V * MB);
+#pragma unroll
+        for (int i = 0; i < V * MB; ++i) mine[i] = weight_acc[i];
+        __syncthreads();
+        if (pixel_group == 0 && channel_active) {
+          float total[V * MB];
+#pragma unroll
+          for (int i = 0; i < V * MB; ++i) total[i] = 0.f;
+          for (int pg = 0; pg < groups_of_pixels; ++pg) {
+            const float* theirs = weight_sums + (pg * lanes + lane) * (V * MB);
+#pragma unroll
+            for (int i = 0; i < V * MB; ++i) total[i] += theirs[i];
+          }
+          float* out = weight_partial + (static_cast<int64_t>(blockIdx.x) * taps + k) * cm;
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+#pragma unroll
+            for (int jj = 0; jj < MB; ++jj) {
+              if (j0 + jj < m) out[(c + v) * m + j0 + jj] = total[v * MB + jj];
+            }
+          }
+        }
+        __syncthreads();
+      }
+    }
+  }
+  for (int e = threadIdx.x; e < tile_pixels * taps; e += blockDim.x) {
+    const int64_t pixel = pixel_of[e / taps];
+    if (pixel < 0) continue;
+    const int k = e % taps;
+    const int64_t oi = OffsetIndex(s, pixel, g, k);
+    grad_offset[oi] = tap_sums[e * 3 + 1];
+    grad_offset[oi + 1] = tap_sums[e * 3 + 2];
+    if (grad_mask) grad_mask[MaskIndex(s, pixel, g, k)] = tap_sums[e * 3];
+  }
+}
+
+// grad_weight[i] = sum over tiles, in tile order, of the per-tile partial sums.
+__global__ void SumTilesKernel(const float* __restrict__ partial, int64_t tiles, int64_t size,
+                               float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= size) return;
+  float sum = 0.f;
+  for (int64_t t = 0; t < tiles; ++t) sum += partial[t * size + i];
+  out[i] = sum;
+}
+
+template <typename T>
+using BackwardFn = void (*)(ConvShape, TileGrid, int, bool, const T*, const T*, const T*, const T*,
+                            const T*, float*, float*, float*, float*);
+
+size_t WeightPartialBytes(const ConvShape& s, const Plan& p) {
+  return Align(static_cast<size_t>(p.tiles) * s.taps() * s.out_channels() * sizeof(float));
+}
+
+int VecOf(Dtype dtype) { return dtype == Dtype::kF32 ? 4 : 8; }
+
+// grad_x by the sorted gather rather than by atomics from the tile kernel.
+bool UseGather(const ConvShape& s, bool deterministic) {
+  if (deterministic) return true;
+  if (!GatherFits(s)) return false;
+  const int choice = GetTuning().grad_x;
+  if (choice != 0) return choice == 2;
+  return false;
+}
+
+template <typename T>
+cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic, const T* x,
+                     const T* offset, const T* mask, const T* weight, const T* grad_y, float* grad_x,
+                     float* grad_offset, float* grad_mask, float* grad_weight, void* scratch) {
+  constexpr int kVec = 16 / sizeof(T);
+  const Plan p = MakePlan(s, kVec);
+  const int mb = p.vec == kVec ? 1 : (s.multiplier == 1 ? 1 : 4);
+  const size_t smem = p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))) +
+                      p.threads * p.vec * mb * sizeof(float);
+  const bool gather = UseGather(s, deterministic);
+  auto* partial = static_cast<float*>(scratch);
+  cudaError_t err;
+  if (gather) {
+    // The gather only reads offsets, mask, weight and grad_y: it goes first so
+    // that it can overlap nothing but also waits on nothing.
+    err = GradXByGather(stream, DtypeOf<T>(), s, offset, mask, weight, grad_y, grad_x,
+                        static_cast<unsigned char*>(scratch) + WeightPartialBytes(s, p));
+  } else {
+    err = cudaMemsetAsync(grad_x, 0, s.n * s.h * s.w * s.c * sizeof(float), stream);
+  }
+  if (err != cudaSuccess) return err;
+  const bool capped = GetTuning().backward_min_blocks == 3;
+  BackwardFn<T> fn = p.vec == kVec ? (capped ? BackwardKernel<T, kVec, 1, 3> : BackwardKernel<T, kVec, 1, 1>)
+                                   : (mb == 1 ? BackwardKernel<T, 1, 1, 1> : BackwardKernel<T, 1, 4, 1>);
+  const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
+  fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, !gather, x, offset, mask, weight,
+                                        grad_y, grad_x, grad_offset, grad_mask, partial);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  const int64_t wsize = s.taps() * s.out_channels();
+  SumTilesKernel<<<(wsize + 255) / 256, 256, 0, stream>>>(partial, p.tiles, wsize, grad_weight);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool DeterministicBackwardFits(const ConvShape& s) { return GatherFits(s); }
+
+size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic) {
+  const Plan p = MakePlan(s, VecOf(dtype));
+  return WeightPartialBytes(s, p) + (UseGather(s, deterministic) ? GatherScratchBytes(s) : 0);
+}
+
+cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
+                               bool deterministic, const void* x, const void* offset,
+                               const void* mask, const void* weight, const void* grad_y,
+                               float* grad_x, float* grad_offset, float* grad_mask,
+                               float* grad_weight, void* scratch) {
+  return DispatchDtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return Backward(stream, s, deterministic, static_cast<const T*>(x),
+                    static_cast<const T*>(offset), static_cast<const T*>(mask),
+                    static_cast<const T*>(weight), static_cast<const T*>(grad_y), grad_x,
+                    grad_offset, grad_mask, grad_weight, scratch);
+  });
+}
+
+}  // namespace jax_deform

@@ -1,0 +1,263 @@
+// What the CUDA kernels share: dtype conversion, 16-byte vector access, the
+// per-(pixel, tap) sample geometry and how output tiles map onto blocks.
+// Device helpers and small host helpers only; kernels live in one file per
+// family (cuda_forward.cu, cuda_backward.cu, cuda_grad_x_gather.cu).
+#ifndef JAX_DEFORM_CUDA_COMMON_CUH_
+#define JAX_DEFORM_CUDA_COMMON_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda_kernels.h"
+#include "deform_math.h"
+
+namespace jax_deform {
+namespace cuda_detail {
+
+constexpr int kMaxThreads = 256;
+constexpr int kMaxTilePixels = 64;
+constexpr size_t kGeometryBudget = 38 * 1024;  // shared memory for the tile geometry
+
+__device__ __forceinline__ float ToF(float v) { return v; }
+__device__ __forceinline__ float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromF(float v);
+template <>
+__device__ __forceinline__ float FromF<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+template <>
+__device__ __forceinline__ __half FromF<__half>(float v) { return __float2half(v); }
+
+// V elements loaded or stored as one aligned access (16 bytes when V * sizeof(T) == 16).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void LoadVec(const T* __restrict__ p, float (&out)[V]) {
+  const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = ToF(pack.v[i]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void StoreVec(T* p, const float (&in)[V]) {
+  Pack<T, V> pack;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pack.v[i] = FromF<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+}
+
+// Adds V floats to consecutive, V-aligned float addresses.
+template <int V>
+__device__ __forceinline__ void AtomicAddVec(float* p, const float (&v)[V]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = V % 4 == 0;
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      atomicAdd(reinterpret_cast<float4*>(p + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) atomicAdd(p + i, v[i]);
+  }
+}
+
+// Geometry of one (pixel, tap) of a tile, computed once per block.
+struct TapGeometry {
+  int corner[4];  // y * W + x inside the image, always safe to read
+  float ly, lx;   // fractional position
+  float mask;
+  float poison;   // NaN for a NaN sample position, else 0
+  unsigned valid; // bit i: corner i lies inside the image
+};
+
+template <typename T>
+__device__ __forceinline__ TapGeometry MakeGeometry(const ConvShape& s, const T* __restrict__ offset,
+                                                    const T* __restrict__ mask, int64_t pixel,
+                                                    int64_t g, int64_t k) {
+  const int64_t ox = pixel % s.wo;
+  const int64_t oy = (pixel / s.wo) % s.ho;
+  const int64_t oi = OffsetIndex(s, pixel, g, k);
+  float py, px;
+  SamplePosition(s, oy, ox, k / s.kw, k % s.kw, ToF(offset[oi]), ToF(offset[oi + 1]), &py, &px);
+  const Bilinear b = MakeBilinear(py, px, s.h, s.w);
+  TapGeometry t;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) t.corner[i] = static_cast<int>(b.corner[i]);
+  t.ly = b.ly;
+  t.lx = b.lx;
+  t.poison = b.poison;
+  t.mask = mask ? ToF(mask[MaskIndex(s, pixel, g, k)]) : 1.f;
+  t.valid = (b.valid[0] != 0.f) | ((b.valid[1] != 0.f) << 1) | ((b.valid[2] != 0.f) << 2) |
+            ((b.valid[3] != 0.f) << 3);
+  return t;
+}
+
+__device__ __forceinline__ Bilinear ToBilinear(const TapGeometry& t) {
+  Bilinear b;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    b.corner[i] = t.corner[i];
+    b.valid[i] = (t.valid >> i) & 1u ? 1.f : 0.f;
+  }
+  b.ly = t.ly;
+  b.lx = t.lx;
+  b.poison = t.poison;
+  return b;
+}
+
+// Output tiles: tile_w x (pixels / tile_w) pixels of one image; tiles are
+// numbered x fastest, then y, then image. Square-ish tiles keep the input
+// footprint of a block (and so its L1 working set) small.
+struct TileGrid {
+  int pixels, width;
+  int64_t tiles_x, tiles_y;
+};
+
+// Global output pixel index of tile-local pixel lp, or -1 past the edge.
+__device__ __forceinline__ int64_t TilePixel(const ConvShape& s, const TileGrid& t, int64_t tile,
+                                             int lp) {
+  const int64_t tx = tile % t.tiles_x, ty = (tile / t.tiles_x) % t.tiles_y;
+  const int64_t image = tile / (t.tiles_x * t.tiles_y);
+  const int64_t oy = ty * (t.pixels / t.width) + lp / t.width;
+  const int64_t ox = tx * t.width + lp % t.width;
+  return (oy < s.ho && ox < s.wo) ? (image * s.ho + oy) * s.wo + ox : -1;
+}
+
+// How a block splits its work; identical for forward and backward.
+struct Plan {
+  int vec;          // channels per thread access (V)
+  int lanes;        // threads side by side along the channels of one pixel
+  int tile_pixels;  // output pixels per block
+  int threads;
+  int64_t tiles;
+  TileGrid grid;
+};
+
+inline int FloorPow2(int64_t v) {
+  int p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+
+inline Plan MakePlan(const ConvShape& s, int max_vec) {
+  Plan p;
+  const int64_t cg = s.channels_per_group();
+  p.vec = (s.multiplier == 1 && cg % max_vec == 0) ? max_vec : 1;
+  const int64_t vectors = cg / p.vec;
+  p.lanes = FloorPow2(std::min<int64_t>(vectors, 32));
+  const int64_t by_smem =
+      static_cast<int64_t>(kGeometryBudget / (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))));
+  p.tile_pixels = FloorPow2(std::max<int64_t>(1, std::min<int64_t>(kMaxTilePixels, by_smem)));
+  p.threads = std::max(32, std::min(kMaxThreads, p.tile_pixels * p.lanes));
+  p.grid.pixels = p.tile_pixels;
+  p.grid.width = 1;
+  while (p.grid.width * p.grid.width * 4 <= p.tile_pixels) p.grid.width *= 2;
+  const int height = p.tile_pixels / p.grid.width;
+  p.grid.tiles_x = (s.wo + p.grid.width - 1) / p.grid.width;
+  p.grid.tiles_y = (s.ho + height - 1) / height;
+  p.tiles = s.n * p.grid.tiles_x * p.grid.tiles_y;
+  return p;
+}
+
+// Fills the tile's pixel indices [tile_pixels] and geometry [tile_pixels][taps]
+// in shared memory.
+template <typename T>
+__device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
+                             const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
+                             TapGeometry* geom) {
+  const int taps = static_cast<int>(s.taps());
+  for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
+    pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
+  }
+  for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
+    const int64_t pixel = TilePixel(s, tg, blockIdx.x, e / taps);
+    if (pixel >= 0) geom[e] = MakeGeometry(s, offset, mask, pixel, g, e % taps);
+  }
+}
+
+// Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
+// forward_weights_in_registers=1,backward_min_blocks=3,grad_x=gather" (unset: the defaults below,
+// chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
+struct Tuning {
+  int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
+  int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
+  int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
+  int backward_min_blocks = 0;           // as forward_min_blocks, for the backward tile kernel
+};
+
+inline Tuning ParseTuning(const char* text) {
+  Tuning t;
+  if (text == nullptr) return t;
+  auto value = [&](const char* key) -> const char* {
+    const char* at = std::strstr(text, key);
+    return at ? at + std::strlen(key) : nullptr;
+  };
+  if (const char* v = value("forward_min_blocks=")) t.forward_min_blocks = std::atoi(v);
+  if (const char* v = value("forward_weights_in_registers=")) {
+    t.forward_weights_in_registers = std::atoi(v);
+  }
+  if (const char* v = value("backward_min_blocks=")) t.backward_min_blocks = std::atoi(v);
+  if (const char* v = value("grad_x=")) {
+    t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;
+  }
+  return t;
+}
+
+inline const Tuning& GetTuning() {
+  static const Tuning t = ParseTuning(std::getenv("JAX_DEFORM_CUDA_TUNING"));
+  return t;
+}
+
+inline size_t Align(size_t v) { return (v + 255) / 256 * 256; }
+
+// Streaming multiprocessors of the current device (read once).
+inline int SmCount() {
+  static const int count = [] {
+    int device = 0, n = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return n;
+  }();
+  return count;
+}
+
+template <typename T>
+constexpr Dtype DtypeOf() {
+  return std::is_same_v<T, float> ? Dtype::kF32
+                                  : std::is_same_v<T, __nv_bfloat16> ? Dtype::kBF16 : Dtype::kF16;
+}
+
+// Calls fn(T{}) with T the element type of `dtype`.
+template <typename Fn>
+cudaError_t DispatchDtype(Dtype dtype, Fn&& fn) {
+  switch (dtype) {
+    case Dtype::kF32: return fn(float{});
+    case Dtype::kBF16: return fn(__nv_bfloat16{});
+    case Dtype::kF16: return fn(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda_detail
+}  // namespace jax_deform
+
+#endif  // JAX_DEFORM_CUDA_COMMON_CUH_

@@ -1,0 +1,206 @@
+// Forward kernel of depthwise deformable convolution, channels last.
+//
+// A block owns a 2-D tile of output pixels (8x8 for 3x3 kernels) for one
+// offset group (and, for small problems, a slice of its channels: grid.z). It
+// first computes the sample geometry of every (pixel, tap) of the tile once,
+// into shared memory (corner indices, bilinear weights times the mask); then
+// `lanes` consecutive threads walk consecutive 16-byte vectors of channels of
+// one pixel, so every corner read is a coalesced row segment and neighbouring
+// pixels of the tile hit the same lines in L1. No im2col buffer exists.
+#include "cuda_common.cuh"
+
+namespace jax_deform {
+namespace {
+
+using namespace cuda_detail;  // NOLINT: this file's own helpers
+
+// What the forward needs of one (pixel, tap): corner pixel indices (-1 where
+// the corner lies outside the image and is not read) and weights with the
+// mask folded in. Two 16-byte shared-memory loads per tap.
+struct alignas(16) ForwardTap {
+  int corner[4];
+  float weight[4];
+};
+
+template <typename T>
+__device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
+                                const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
+                                ForwardTap* taps_out) {
+  const int taps = static_cast<int>(s.taps());
+  for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
+    pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
+  }
+  for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
+    const int64_t pixel = TilePixel(s, tg, blockIdx.x, e / taps);
+    if (pixel < 0) continue;
+    const TapGeometry t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
+    float wgt[4];
+    CornerWeights(ToBilinear(t), wgt);
+    ForwardTap f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f.corner[i] = (t.valid >> i) & 1u ? t.corner[i] : -1;
+      f.weight[i] = t.mask * wgt[i];
+    }
+    if (t.poison != 0.f || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
+      f.corner[0] = 0;
+      f.weight[0] = t.poison;
+    }
+    taps_out[e] = f;
+  }
+}
+
+// MB: output channels per input channel handled per pass (M > 1 runs in
+// passes). KT: the tap count when known at compile time (3x3), so the
+// depthwise weights of a thread's channels stay in registers.
+// MINB: blocks per SM the register budget must allow (1: no cap).
+template <typename T, int V, int MB, int KT, int MINB>
+__global__ void __launch_bounds__(kMaxThreads, MINB)
+    ForwardKernel(ConvShape s, TileGrid tg, int lanes, int vectors_per_split, const T* __restrict__ x,
+                  const T* __restrict__ offset, const T* __restrict__ mask,
+                  const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
+  ForwardTap* tap_table = reinterpret_cast<ForwardTap*>(pixel_of + ((tg.pixels + 1) & ~1));
+  const int64_t g = blockIdx.y;
+  ForwardTileTaps(s, tg, offset, mask, g, pixel_of, tap_table);
+  __syncthreads();
+
+  const int taps = KT > 0 ? KT : static_cast<int>(s.taps());
+  const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
+  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
+  // Small problems also split the channels of a group over grid.z, to fill the GPU.
+  const int vec_begin = blockIdx.z * vectors_per_split;
+  const int vec_end = min(static_cast<int>(cg / V), vec_begin + vectors_per_split);
+  const int lane = threadIdx.x % lanes, groups_of_pixels = blockDim.x / lanes;
+  for (int64_t j0 = 0; j0 < m; j0 += MB) {
+    for (int vec = vec_begin + lane; vec < vec_end; vec += lanes) {
+      const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
+      float w_reg[KT > 0 ? KT : 1][V];
+      if constexpr (KT > 0 && MB == 1) {
+#pragma unroll
+        for (int k = 0; k < KT; ++k) LoadVec<T, V>(weight + k * cm + c, w_reg[k]);
+      }
+      for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += groups_of_pixels) {
+        const int64_t pixel = pixel_of[lp];
+        if (pixel < 0) continue;
+        const T* xc = x + (pixel / img_pixels) * hw * s.c + c;
+        float acc[V * MB];
+#pragma unroll
+        for (int i = 0; i < V * MB; ++i) acc[i] = 0.f;
+        const ForwardTap* tt = tap_table + lp * taps;
+#pragma unroll(KT > 0 ? KT : 3)
+        for (int k = 0; k < taps; ++k) {
+          const ForwardTap t = tt[k];
+          float val[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) val[v] = 0.f;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (t.corner[i] < 0) continue;
+            float corner[V];
+            LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c, corner);
+#pragma unroll
+            for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
+          }
+          if constexpr (MB == 1) {
+            float wv[V];
+            if constexpr (KT > 0) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) wv[v] = w_reg[k][v];
+            } else {
+              LoadVec<T, V>(weight + k * cm + c, wv);
+            }
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[v] += val[v] * wv[v];
+          } else {
+            const T* wk = weight + k * cm;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+#pragma unroll
+              for (int jj = 0; jj < MB; ++jj) {
+                if (j0 + jj < m) acc[v * MB + jj] += val[v] * ToF(wk[(c + v) * m + j0 + jj]);
+              }
+            }
+          }
+        }
+        T* yp = y + pixel * cm;
+        if constexpr (MB == 1) {  // M == 1: V consecutive outputs
+          if (bias) {
+            float bv[V];
+            LoadVec<T, V>(bias + c, bv);
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[v] += bv[v];
+          }
+          StoreVec<T, V>(yp + c, acc);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+#pragma unroll
+            for (int jj = 0; jj < MB; ++jj) {
+              const int64_t o = (c + v) * m + j0 + jj;
+              if (j0 + jj < m) yp[o] = FromF<T>(acc[v * MB + jj] + (bias ? ToF(bias[o]) : 0.f));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+using ForwardFn = void (*)(ConvShape, TileGrid, int, int, const T*, const T*, const T*, const T*,
+                           const T*, T*);
+
+// The variant for this shape: vector width, 3x3 weights in registers or read
+// per tap, and the register cap.
+template <typename T>
+ForwardFn<T> PickForward(const ConvShape& s, const Plan& p) {
+  constexpr int kVec = 16 / sizeof(T);
+  const Tuning& tune = GetTuning();
+  if (s.multiplier != 1) return ForwardKernel<T, 1, 4, 0, 1>;
+  if (p.vec != kVec) {
+    return s.taps() == 9 ? ForwardKernel<T, 1, 1, 9, 1> : ForwardKernel<T, 1, 1, 0, 1>;
+  }
+  const bool registers = s.taps() == 9 && tune.forward_weights_in_registers > 0;
+  const int min_blocks = tune.forward_min_blocks > 0 ? tune.forward_min_blocks : 4;
+  if (min_blocks >= 4) {
+    return registers ? ForwardKernel<T, kVec, 1, 9, 4> : ForwardKernel<T, kVec, 1, 0, 4>;
+  }
+  return registers ? ForwardKernel<T, kVec, 1, 9, 1> : ForwardKernel<T, kVec, 1, 0, 1>;
+}
+
+template <typename T>
+cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T* offset,
+                    const T* mask, const T* weight, const T* bias, T* y) {
+  constexpr int kVec = 16 / sizeof(T);
+  const Plan p = MakePlan(s, kVec);
+  const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) +
+                      p.tile_pixels * s.taps() * sizeof(ForwardTap);
+  // Enough blocks for about two waves: split the channels when tiles are few.
+  const int64_t vectors = s.channels_per_group() / p.vec;
+  const int64_t lane_rounds = (vectors + p.lanes - 1) / p.lanes;
+  const int64_t want = (2 * SmCount() + p.tiles * s.groups - 1) / (p.tiles * s.groups);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, lane_rounds, 65535}));
+  const int vectors_per_split = static_cast<int>((lane_rounds + splits - 1) / splits) * p.lanes;
+  const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups),
+                  static_cast<unsigned>((vectors + vectors_per_split - 1) / vectors_per_split));
+  PickForward<T>(s, p)<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, vectors_per_split,
+                                                          x, offset, mask, weight, bias, y);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* x,
+                              const void* offset, const void* mask, const void* weight,
+                              const void* bias, void* y) {
+  return DispatchDtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return Forward(stream, s, static_cast<const T*>(x), static_cast<const T*>(offset),
+                   static_cast<const T*>(mask), static_cast<const T*>(weight),
+                   static_cast<const T*>(bias), static_cast<T*>(y));
+  });
+}
+
+}  // namespace jax_deform

@@ -1,0 +1,228 @@
+// grad_x by gather over destination-sorted contributions (see the header).
+#include "cuda_grad_x_gather.h"
+
+#include <cub/cub.cuh>
+#include <limits>
+
+#include "cuda_common.cuh"
+
+namespace jax_deform {
+namespace cuda_detail {
+namespace {
+
+constexpr int kThreads = 256;
+
+__host__ __device__ int64_t Destinations(const ConvShape& s) { return s.n * s.h * s.w * s.groups; }
+__host__ __device__ int64_t Contributions(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps() * 4; }
+
+// Bits the sort must look at: keys run from 0 to Destinations (the key of
+// samples outside the image, sorted last and never read).
+int KeyBits(const ConvShape& s) {
+  int bits = 1;
+  while ((int64_t{1} << bits) <= Destinations(s)) ++bits;
+  return bits;
+}
+
+// Scratch carve-up, used by both the size query and the launch.
+struct Layout {
+  size_t counts, starts, keys_in, keys_out, entries_in, entries_out, sort_temp, scan_temp, total;
+  size_t sort_bytes, scan_bytes;
+};
+
+Layout MakeLayout(const ConvShape& s) {
+  Layout d{};
+  const int64_t destinations = Destinations(s);
+  const int contributions = static_cast<int>(Contributions(s));
+  cub::DeviceRadixSort::SortPairs(nullptr, d.sort_bytes, static_cast<const unsigned*>(nullptr),
+                                  static_cast<unsigned*>(nullptr),
+                                  static_cast<const unsigned long long*>(nullptr),
+                                  static_cast<unsigned long long*>(nullptr), contributions, 0,
+                                  KeyBits(s));
+  cub::DeviceScan::ExclusiveSum(nullptr, d.scan_bytes, static_cast<unsigned*>(nullptr),
+                                static_cast<unsigned*>(nullptr), destinations + 1);
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t here = at;
+    at += Align(bytes);
+    return here;
+  };
+  d.counts = take((destinations + 1) * sizeof(unsigned));
+  d.starts = take((destinations + 1) * sizeof(unsigned));
+  d.keys_in = take(contributions * sizeof(unsigned));
+  d.keys_out = take(contributions * sizeof(unsigned));
+  d.entries_in = take(contributions * sizeof(unsigned long long));
+  d.entries_out = take(contributions * sizeof(unsigned long long));
+  d.sort_temp = take(d.sort_bytes);
+  d.scan_temp = take(d.scan_bytes);
+  d.total = at;
+  return d;
+}
+
+// One thread per (output pixel, group, tap): the key of each corner is its
+// destination; the entry packs (pixel * taps + tap) with the corner's weight
+// times the mask, all the gather needs.
+template <typename T>
+__global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
+                                   const T* __restrict__ mask, unsigned* __restrict__ counts,
+                                   unsigned* __restrict__ keys,
+                                   unsigned long long* __restrict__ entries) {
+  const int64_t taps = s.taps();
+  const int64_t total = s.n * s.ho * s.wo * s.groups * taps;
+  const int64_t hw = s.h * s.w;
+  const unsigned outside = static_cast<unsigned>(Destinations(s));
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = e % taps, g = (e / taps) % s.groups, pixel = e / (taps * s.groups);
+    const TapGeometry t = MakeGeometry(s, offset, mask, pixel, g, k);
+    float wgt[4];
+    CornerWeights(ToBilinear(t), wgt);
+    const int64_t image = pixel / (s.ho * s.wo);
+    const unsigned long long where = static_cast<unsigned long long>(pixel * taps + k);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t id = e * 4 + i;
+      if ((t.valid >> i) & 1u) {
+        const unsigned dest = static_cast<unsigned>((image * hw + t.corner[i]) * s.groups + g);
+        keys[id] = dest;
+        const float scale = t.mask * wgt[i];
+        entries[id] = where | (static_cast<unsigned long long>(__float_as_uint(scale)) << 32);
+        atomicAdd(counts + dest, 1u);  // integer: the count does not depend on the order
+      } else {
+        keys[id] = outside;
+        entries[id] = 0;
+      }
+    }
+  }
+}
+
+// One warp per destination; each lane keeps R vectors of V channels.
+template <typename T, int V, int R>
+__global__ void __launch_bounds__(kThreads)
+    GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
+                 const unsigned* __restrict__ starts, const unsigned long long* __restrict__ entries,
+                 float* __restrict__ grad_x) {
+  const int64_t dest = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (dest >= Destinations(s)) return;
+  const int lane = threadIdx.x % 32;
+  const unsigned begin = starts[dest], end = starts[dest + 1];
+  const int64_t g = dest % s.groups, in_pixel = dest / s.groups;
+  const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
+  const unsigned taps = static_cast<unsigned>(s.taps());
+  const int vectors = static_cast<int>(cg / V);
+  for (int base = 0; base < vectors; base += 32 * R) {
+    float acc[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[r][v] = 0.f;
+    }
+#pragma unroll 2
+    for (unsigned a = begin; a < end; ++a) {
+      const unsigned long long entry = entries[a];
+      const unsigned where = static_cast<unsigned>(entry);
+      const float scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
+      const unsigned pixel = where / taps, k = where - pixel * taps;
+      const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
+      const T* wk = weight + static_cast<int64_t>(k) * cm;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int vec = base + lane + 32 * r;
+        if (vec >= vectors) continue;
+        const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
+        if (V > 1 || m == 1) {
+          float gv[V], wv[V];
+          LoadVec<T, V>(gy + c * m, gv);
+          LoadVec<T, V>(wk + c * m, wv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[v] * wv[v]);
+        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+          float sum = 0.f;
+          for (int64_t j = 0; j < m; ++j) sum += ToF(wk[c * m + j]) * ToF(gy[c * m + j]);
+          acc[r][0] += scale * sum;
+        }
+      }
+    }
+    float* out = grad_x + in_pixel * s.c + g * cg;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int vec = base + lane + 32 * r;
+      if (vec < vectors) {
+        float* o = out + static_cast<int64_t>(vec) * V;
+#pragma unroll
+        for (int v = 0; v < V; ++v) o[v] = acc[r][v];
+      }
+    }
+  }
+}
+
+template <typename T, int V>
+void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
+                  const unsigned* starts, const unsigned long long* entries, float* grad_x) {
+  const int64_t vectors = s.channels_per_group() / V;
+  const int64_t blocks = (Destinations(s) + kThreads / 32 - 1) / (kThreads / 32);
+  if (vectors <= 32) {
+    GatherKernel<T, V, 1><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries, grad_x);
+  } else if (vectors <= 64) {
+    GatherKernel<T, V, 2><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries, grad_x);
+  } else {
+    GatherKernel<T, V, 4><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries, grad_x);
+  }
+}
+
+template <typename T>
+cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, const T* mask,
+                   const T* weight, const T* grad_y, float* grad_x, unsigned char* scratch) {
+  const Layout d = MakeLayout(s);
+  auto* counts = reinterpret_cast<unsigned*>(scratch + d.counts);
+  auto* starts = reinterpret_cast<unsigned*>(scratch + d.starts);
+  auto* keys_in = reinterpret_cast<unsigned*>(scratch + d.keys_in);
+  auto* keys_out = reinterpret_cast<unsigned*>(scratch + d.keys_out);
+  auto* entries_in = reinterpret_cast<unsigned long long*>(scratch + d.entries_in);
+  auto* entries_out = reinterpret_cast<unsigned long long*>(scratch + d.entries_out);
+  const int64_t destinations = Destinations(s);
+  const int contributions = static_cast<int>(Contributions(s));
+  cudaError_t err = cudaMemsetAsync(counts, 0, (destinations + 1) * sizeof(unsigned), stream);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = std::min<int64_t>((contributions / 4 + kThreads - 1) / kThreads, 1 << 20);
+  ContributionKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, counts, keys_in, entries_in);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  size_t sort_bytes = d.sort_bytes, scan_bytes = d.scan_bytes;
+  err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out,
+                                        entries_in, entries_out, contributions, 0, KeyBits(s),
+                                        stream);
+  if (err != cudaSuccess) return err;
+  err = cub::DeviceScan::ExclusiveSum(scratch + d.scan_temp, scan_bytes, counts, starts,
+                                      destinations + 1, stream);
+  if (err != cudaSuccess) return err;
+  constexpr int kVec = 16 / sizeof(T);
+  if (s.multiplier == 1 && s.channels_per_group() % kVec == 0) {
+    LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, entries_out, grad_x);
+  } else {
+    LaunchGather<T, 1>(stream, s, weight, grad_y, starts, entries_out, grad_x);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool GatherFits(const ConvShape& s) {
+  return Destinations(s) < std::numeric_limits<unsigned>::max() &&
+         Contributions(s) < std::numeric_limits<int>::max() &&
+         s.n * s.ho * s.wo * s.taps() < std::numeric_limits<unsigned>::max();
+}
+
+size_t GatherScratchBytes(const ConvShape& s) { return MakeLayout(s).total; }
+
+cudaError_t GradXByGather(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* offset,
+                          const void* mask, const void* weight, const void* grad_y, float* grad_x,
+                          void* scratch) {
+  return DispatchDtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return Gather(stream, s, static_cast<const T*>(offset), static_cast<const T*>(mask),
+                  static_cast<const T*>(weight), static_cast<const T*>(grad_y), grad_x,
+                  static_cast<unsigned char*>(scratch));
+  });
+}
+
+}  // namespace cuda_detail
+}  // namespace jax_deform

@@ -1,0 +1,36 @@
+// grad_x of the CUDA backward as a gather: every (pixel, tap, corner) sample
+// that lands inside the image is a contribution to one destination (image,
+// input pixel, offset group). Contributions are sorted by destination with a
+// stable radix sort (so within a destination they stay in contribution order,
+// whatever the scheduling), and one warp per destination adds its run in that
+// order across the channels of the group: no float atomics, bitwise
+// reproducible, and grad_x is written exactly once.
+#ifndef JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
+#define JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "cuda_kernels.h"
+#include "deform_math.h"
+
+namespace jax_deform {
+namespace cuda_detail {
+
+// Destinations and contributions are indexed with 32 bits (the sort's item
+// count with a signed int): false when this problem is too large for that.
+bool GatherFits(const ConvShape& s);
+
+// Bytes of device scratch GradXByGather needs.
+size_t GatherScratchBytes(const ConvShape& s);
+
+// Writes every element of grad_x (float32, N*H*W*C).
+cudaError_t GradXByGather(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* offset,
+                          const void* mask, const void* weight, const void* grad_y, float* grad_x,
+                          void* scratch);
+
+}  // namespace cuda_detail
+}  // namespace jax_deform
+
+#endif  // JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
