@@ -14,12 +14,12 @@ shapes=(--shape 16,64,64,512 --shape 32,56,56,64 --dtype float32 --dtype bfloat1
 ours=(--only jax_deform --only "jax_deform deterministic")
 bench default "" "${shapes[@]}" "${ours[@]}"
 bench default7 "" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${ours[@]}"
-bench fwd_nocap "forward_min_blocks=1" "${shapes[@]}" --only jax_deform --mode fwd
-bench fwd_old "forward_min_blocks=1,forward_weights_in_registers=1" "${shapes[@]}" --only jax_deform --mode fwd
-bench gather "grad_x=gather" "${shapes[@]}" --only jax_deform --mode fwd+bwd
-bench bwd_cap "backward_min_blocks=3" "${shapes[@]}" --only jax_deform --mode fwd+bwd
-bench bwd_cap_gather "backward_min_blocks=3,grad_x=gather" "${shapes[@]}" --only jax_deform --mode fwd+bwd
-bench gather7 "grad_x=gather" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 --only jax_deform --mode fwd+bwd
+bwd=(--only jax_deform --mode fwd+bwd)
+bench bwd_one_vector "backward_kernel=1" "${shapes[@]}" "${bwd[@]}"
+bench bwd_r1 "backward_vectors=1" "${shapes[@]}" "${bwd[@]}"
+bench bwd_r2 "backward_vectors=2" "${shapes[@]}" "${bwd[@]}"
+bench bwd_r4 "backward_vectors=4" "${shapes[@]}" "${bwd[@]}"
+bench bwd_r4_cap "backward_vectors=4,backward_min_blocks=3" "${shapes[@]}" "${bwd[@]}"
 python3 - "$out" <<'PY'
 import json, sys, glob, os
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):

@@ -180,6 +180,156 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   }
 }
 
+// The tile kernel for M = 1 and 16-byte channel vectors. Each thread keeps R
+// channel vectors of its pixel (lane, lane + lanes, ...), so the channel sums
+// of grad_offset/grad_mask are first summed in registers over R*V channels and
+// reduced across lanes once per (pixel, tap), and R*4 corner loads are in
+// flight per tap. Loop order per block: channel slab -> tap -> pixels, so
+// grad_weight of (tap, channels) accumulates in registers over the pixels.
+template <typename T, int V, int R, int MINB>
+__global__ void __launch_bounds__(kMaxThreads, MINB)
+    BackwardVectorKernel(ConvShape s, TileGrid tg, int lanes, bool scatter,
+                         const T* __restrict__ x, const T* __restrict__ offset,
+                         const T* __restrict__ mask, const T* __restrict__ weight,
+                         const T* __restrict__ grad_y, float* __restrict__ grad_x,
+                         float* __restrict__ grad_offset, float* __restrict__ grad_mask,
+                         float* __restrict__ weight_partial) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int taps = static_cast<int>(s.taps());
+  const int tile_pixels = tg.pixels;
+  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
+  TapGeometry* geom = reinterpret_cast<TapGeometry*>(pixel_of + tile_pixels);
+  float* tap_sums = reinterpret_cast<float*>(geom + tile_pixels * taps);  // [pixel][tap][3]
+  float* weight_sums = tap_sums + tile_pixels * taps * 3;                 // [threads][R*V]
+
+  const int64_t g = blockIdx.y;
+  TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
+  for (int e = threadIdx.x; e < tile_pixels * taps * 3; e += blockDim.x) tap_sums[e] = 0.f;
+  __syncthreads();
+
+  const int64_t cg = s.channels_per_group(), cm = s.out_channels();
+  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
+  const int vectors = static_cast<int>(cg / V);
+  const int lane = threadIdx.x % lanes, pixel_group = threadIdx.x / lanes;
+  const int groups_of_pixels = blockDim.x / lanes;
+  // Every thread runs the same number of iterations so the shuffles line up.
+  const int pixel_rounds = (tile_pixels + groups_of_pixels - 1) / groups_of_pixels;
+  for (int slab = 0; slab < vectors; slab += lanes * R) {
+    for (int k = 0; k < taps; ++k) {
+      float weight_acc[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) weight_acc[r][v] = 0.f;
+      }
+      const T* wk = weight + k * cm;
+      for (int round = 0; round < pixel_rounds; ++round) {
+        const int lp = round * groups_of_pixels + pixel_group;
+        const int64_t pixel = lp < tile_pixels ? pixel_of[lp] : -1;
+        float sum_val = 0.f, sum_dy = 0.f, sum_dx = 0.f;
+        if (pixel >= 0) {
+          const int64_t image = pixel / img_pixels;
+          const TapGeometry t = geom[lp * taps + k];
+          const Bilinear b = ToBilinear(t);
+          float wgt[4], wy[4], wx[4];
+          CornerWeights(b, wgt);
+          CornerWeightGrads(b, wy, wx);
+          const T* xc = x + image * hw * s.c;
+          float* gxc = grad_x + image * hw * s.c;
+          const T* gy = grad_y + pixel * cm;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int vec = slab + lane + r * lanes;
+            if (vec >= vectors) continue;
+            const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
+            float gyv[V], wv[V], gcol[V];
+            LoadVec<T, V>(gy + c, gyv);
+            LoadVec<T, V>(wk + c, wv);
+#pragma unroll
+            for (int v = 0; v < V; ++v) gcol[v] = gyv[v] * wv[v];
+            float val[V], dvy[V], dvx[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) val[v] = dvy[v] = dvx[v] = t.poison;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              if (!((t.valid >> i) & 1u)) continue;
+              float corner[V];
+              LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c + c, corner);
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                val[v] += wgt[i] * corner[v];
+                dvy[v] += wy[i] * corner[v];
+                dvx[v] += wx[i] * corner[v];
+              }
+              if (scatter) {
+                float contrib[V];
+#pragma unroll
+                for (int v = 0; v < V; ++v) contrib[v] = t.mask * wgt[i] * gcol[v];
+                AtomicAddVec<V>(gxc + static_cast<int64_t>(t.corner[i]) * s.c + c, contrib);
+              }
+            }
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              sum_val += gcol[v] * val[v];
+              sum_dy += gcol[v] * dvy[v];
+              sum_dx += gcol[v] * dvx[v];
+              weight_acc[r][v] += t.mask * val[v] * gyv[v];
+            }
+          }
+          sum_dy *= t.mask;
+          sum_dx *= t.mask;
+        }
+        sum_val = SumOverLanes(sum_val, lanes);
+        sum_dy = SumOverLanes(sum_dy, lanes);
+        sum_dx = SumOverLanes(sum_dx, lanes);
+        if (lane == 0 && pixel >= 0) {
+          float* ts = tap_sums + (lp * taps + k) * 3;
+          ts[0] += sum_val;
+          ts[1] += sum_dy;
+          ts[2] += sum_dx;
+        }
+      }
+      // grad_weight of this tap: sum the pixel groups in order.
+      float* mine = weight_sums + threadIdx.x * (R * V);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) mine[r * V + v] = weight_acc[r][v];
+      }
+      __syncthreads();
+      if (pixel_group == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int vec = slab + lane + r * lanes;
+          if (vec >= vectors) continue;
+          float total[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) total[v] = 0.f;
+          for (int pg = 0; pg < groups_of_pixels; ++pg) {
+            const float* theirs = weight_sums + (pg * lanes + lane) * (R * V) + r * V;
+#pragma unroll
+            for (int v = 0; v < V; ++v) total[v] += theirs[v];
+          }
+          float* out = weight_partial + (static_cast<int64_t>(blockIdx.x) * taps + k) * cm +
+                       g * cg + static_cast<int64_t>(vec) * V;
+#pragma unroll
+          for (int v = 0; v < V; ++v) out[v] = total[v];
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int e = threadIdx.x; e < tile_pixels * taps; e += blockDim.x) {
+    const int64_t pixel = pixel_of[e / taps];
+    if (pixel < 0) continue;
+    const int k = e % taps;
+    const int64_t oi = OffsetIndex(s, pixel, g, k);
+    grad_offset[oi] = tap_sums[e * 3 + 1];
+    grad_offset[oi + 1] = tap_sums[e * 3 + 2];
+    if (grad_mask) grad_mask[MaskIndex(s, pixel, g, k)] = tap_sums[e * 3];
+  }
+}
+
 // grad_weight[i] = sum over tiles, in tile order, of the per-tile partial sums.
 __global__ void SumTilesKernel(const float* __restrict__ partial, int64_t tiles, int64_t size,
                                float* __restrict__ out) {
@@ -216,8 +366,16 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec);
   const int mb = p.vec == kVec ? 1 : (s.multiplier == 1 ? 1 : 4);
+  // Vectors per thread of the vector kernel: enough to cover the group's
+  // channels in one slab where that is at most 4.
+  const int64_t vectors = s.channels_per_group() / p.vec;
+  const Tuning& tune = GetTuning();
+  const int max_r = tune.backward_vectors > 0 ? tune.backward_vectors : (sizeof(T) == 4 ? 4 : 1);
+  const int r = std::min(max_r, vectors <= p.lanes ? 1 : vectors <= 2 * p.lanes ? 2 : 4);
+  const bool vector_kernel = p.vec == kVec && tune.backward_kernel != 1;
+  const int per_thread = vector_kernel ? r * p.vec : p.vec * mb;
   const size_t smem = p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))) +
-                      p.threads * p.vec * mb * sizeof(float);
+                      p.threads * per_thread * sizeof(float);
   const bool gather = UseGather(s, deterministic);
   auto* partial = static_cast<float*>(scratch);
   cudaError_t err;
@@ -230,9 +388,17 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
     err = cudaMemsetAsync(grad_x, 0, s.n * s.h * s.w * s.c * sizeof(float), stream);
   }
   if (err != cudaSuccess) return err;
-  const bool capped = GetTuning().backward_min_blocks == 3;
-  BackwardFn<T> fn = p.vec == kVec ? (capped ? BackwardKernel<T, kVec, 1, 3> : BackwardKernel<T, kVec, 1, 1>)
-                                   : (mb == 1 ? BackwardKernel<T, 1, 1, 1> : BackwardKernel<T, 1, 4, 1>);
+  const bool capped = tune.backward_min_blocks == 3;
+  BackwardFn<T> fn;
+  if (vector_kernel) {
+    fn = r == 1 ? (capped ? BackwardVectorKernel<T, kVec, 1, 3> : BackwardVectorKernel<T, kVec, 1, 1>)
+       : r == 2 ? (capped ? BackwardVectorKernel<T, kVec, 2, 3> : BackwardVectorKernel<T, kVec, 2, 1>)
+                : (capped ? BackwardVectorKernel<T, kVec, 4, 3> : BackwardVectorKernel<T, kVec, 4, 1>);
+  } else if (p.vec == kVec) {
+    fn = BackwardKernel<T, kVec, 1, 1>;
+  } else {
+    fn = mb == 1 ? BackwardKernel<T, 1, 1, 1> : BackwardKernel<T, 1, 4, 1>;
+  }
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
   fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, !gather, x, offset, mask, weight,
                                         grad_y, grad_x, grad_offset, grad_mask, partial);

@@ -202,6 +202,8 @@ struct Tuning {
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
   int backward_min_blocks = 0;           // as forward_min_blocks, for the backward tile kernel
+  int backward_kernel = 0;               // 0: default, 1: the one-vector-per-thread tile kernel
+  int backward_vectors = 0;              // channel vectors per thread of the vector tile kernel
 };
 
 inline Tuning ParseTuning(const char* text) {
@@ -216,6 +218,8 @@ inline Tuning ParseTuning(const char* text) {
     t.forward_weights_in_registers = std::atoi(v);
   }
   if (const char* v = value("backward_min_blocks=")) t.backward_min_blocks = std::atoi(v);
+  if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
+  if (const char* v = value("backward_vectors=")) t.backward_vectors = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;
   }

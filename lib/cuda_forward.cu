@@ -162,8 +162,17 @@ ForwardFn<T> PickForward(const ConvShape& s, const Plan& p) {
   if (p.vec != kVec) {
     return s.taps() == 9 ? ForwardKernel<T, 1, 1, 9, 1> : ForwardKernel<T, 1, 1, 0, 1>;
   }
-  const bool registers = s.taps() == 9 && tune.forward_weights_in_registers > 0;
-  const int min_blocks = tune.forward_min_blocks > 0 ? tune.forward_min_blocks : 4;
+  // Measured on an H200 (benchmarks/RESULTS.md): float32 3x3 with many
+  // channels runs faster with its weights in registers and no register cap;
+  // everything else (bfloat16/float16 above all: 160+ registers) with the
+  // weights read per tap and a cap of 64 registers (4 blocks per SM).
+  const bool wide_f32 = sizeof(T) == 4 && s.taps() == 9 && s.channels_per_group() >= 256;
+  const bool registers = s.taps() == 9 && (tune.forward_weights_in_registers >= 0
+                                               ? tune.forward_weights_in_registers > 0
+                                               : wide_f32);
+  const int min_blocks = tune.forward_min_blocks > 0 ? tune.forward_min_blocks
+                         : registers                 ? 1
+                                                     : 4;
   if (min_blocks >= 4) {
     return registers ? ForwardKernel<T, kVec, 1, 9, 4> : ForwardKernel<T, kVec, 1, 0, 4>;
   }
