@@ -330,14 +330,30 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   }
 }
 
-// grad_weight[i] = sum over tiles, in tile order, of the per-tile partial sums.
-__global__ void SumTilesKernel(const float* __restrict__ partial, int64_t tiles, int64_t size,
-                               float* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= size) return;
+// grad_weight[i] = sum over tiles of the per-tile partial sums, in a fixed
+// order: row r of a block sums tiles r, r + kSumRows, ... (32 columns i side by
+// side, coalesced), then row 0 adds the rows in order. Many blocks in flight,
+// where one thread per i summing every tile left the GPU nearly idle.
+constexpr int kSumCols = 32, kSumRows = 16;
+
+__global__ void __launch_bounds__(kSumCols * kSumRows)
+    SumTilesKernel(const float* __restrict__ partial, int64_t tiles, int64_t size,
+                   float* __restrict__ out) {
+  __shared__ float rows[kSumRows][kSumCols + 1];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   float sum = 0.f;
-  for (int64_t t = 0; t < tiles; ++t) sum += partial[t * size + i];
-  out[i] = sum;
+  if (i < size) {
+#pragma unroll 4
+    for (int64_t t = threadIdx.y; t < tiles; t += kSumRows) sum += partial[t * size + i];
+  }
+  rows[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && i < size) {
+    float total = 0.f;
+#pragma unroll
+    for (int r = 0; r < kSumRows; ++r) total += rows[r][threadIdx.x];
+    out[i] = total;
+  }
 }
 
 template <typename T>
@@ -356,7 +372,11 @@ bool UseGather(const ConvShape& s, bool deterministic) {
   if (!GatherFits(s)) return false;
   const int choice = GetTuning().grad_x;
   if (choice != 0) return choice == 2;
-  return false;
+  // Measured on an H200 (benchmarks/RESULTS.md): with 512 channels per group
+  // the gather beats atomics (whose read-modify-writes of a grad_x larger than
+  // L2 reach DRAM); at 64-128 channels its fixed cost (sort, one warp per
+  // input pixel) does not pay.
+  return s.channels_per_group() >= 256;
 }
 
 template <typename T>
@@ -370,7 +390,11 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   // channels in one slab where that is at most 4.
   const int64_t vectors = s.channels_per_group() / p.vec;
   const Tuning& tune = GetTuning();
-  const int max_r = tune.backward_vectors > 0 ? tune.backward_vectors : (sizeof(T) == 4 ? 4 : 1);
+  // Measured: float32 takes 4 vectors a thread without the atomics, 2 with
+  // them (the atomics' registers); half precision 1 (V = 8 already).
+  const int max_r = tune.backward_vectors > 0 ? tune.backward_vectors
+                    : sizeof(T) == 4             ? (UseGather(s, deterministic) ? 4 : 2)
+                                                 : 1;
   const int r = std::min(max_r, vectors <= p.lanes ? 1 : vectors <= 2 * p.lanes ? 2 : 4);
   const bool vector_kernel = p.vec == kVec && tune.backward_kernel != 1;
   const int per_thread = vector_kernel ? r * p.vec : p.vec * mb;
@@ -404,7 +428,8 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
                                         grad_y, grad_x, grad_offset, grad_mask, partial);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t wsize = s.taps() * s.out_channels();
-  SumTilesKernel<<<(wsize + 255) / 256, 256, 0, stream>>>(partial, p.tiles, wsize, grad_weight);
+  SumTilesKernel<<<static_cast<unsigned>((wsize + kSumCols - 1) / kSumCols), dim3(kSumCols, kSumRows),
+                   0, stream>>>(partial, p.tiles, wsize, grad_weight);
   return cudaGetLastError();
 }
 
