@@ -164,7 +164,9 @@ def _typed_reductions(x, offset, mask, weight) -> tuple[tuple[str, ...], tuple[s
 
     def free(axes, *avals):
         used = set().union(*(_spec_axes(a.sharding.spec) for a in avals))
-        return () if used & set(axes) else axes
+        other_mesh = any(not a.sharding.mesh.empty and a.sharding.mesh != x.sharding.mesh
+                         for a in avals)
+        return () if used & set(axes) or other_mesh else axes
 
     return free(p.offset_reduction_axes(), offset, mask), free(p.batch, weight)
 
@@ -193,8 +195,9 @@ def backward_output_shardings(x, offset, mask, weight, partials: Partials):
             return aval.sharding
         spec = tuple(aval.sharding.spec) + (None,) * (aval.ndim - len(aval.sharding.spec))
         if count == 1 or _count(axes, sizes) != count:
-            axes = ()
-        return _typed(aval, _leading(axes, spec))
+            return _typed(aval, _leading((), spec))
+        # The axes are x's; an operand without a mesh in its type is replicated.
+        return _typed(aval if aval.sharding.mesh == x.sharding.mesh else x, _leading(axes, spec))
 
     return (x.sharding, lead(offset, axes_o, partials.offset), lead(mask, axes_o, partials.offset),
             lead(weight, axes_w, partials.weight))
