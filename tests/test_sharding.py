@@ -84,7 +84,8 @@ def assert_same_as_unsharded(result, ops, implementation="ffi"):
     value, y, grads, _ = result
     want_value, want_y, want_grads = unsharded(ops, implementation)
     assert_close(y, want_y)
-    assert_close(value, want_value)
+    # The loss sums y over shards in another order: its error scales with sum |y|.
+    assert abs(float(value) - float(want_value)) <= 1e-5 * float(np.abs(want_y).sum())
     for name in ops:
         assert_close(grads[name], want_grads[name]), name
 
