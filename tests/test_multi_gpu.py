@@ -64,7 +64,7 @@ def runs(request):
     selected = [tuple(item.callspec.params[k] for k in ("case", "style", "mesh"))
                 for item in request.session.items
                 if item.path == request.path and hasattr(item, "callspec")]
-    workers = max(1, min(6, (os.cpu_count() or 2) // 2))
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         yield {p: pool.submit(_run, *p) for p in selected}
 
