@@ -22,6 +22,7 @@ JAX's docs do), explicit (Explicit shardings on the arrays only), auto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -103,21 +104,24 @@ def global_program():
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-def shard_map_program(mesh, specs, names):
-    y_spec = P(specs["x"][0] if len(specs["x"]) else None, None, None,
-               specs["x"][3] if len(specs["x"]) > 3 else None)
+def y_spec(specs) -> P:
+    """y is split like x over the batch and the channels."""
+    x = tuple(specs["x"]) + (None,) * (4 - len(specs["x"]))
+    return P(x[0], None, None, x[3])
 
+
+def shard_map_program(mesh, specs, names):
     def local(x, offset, mask, weight, bias, cotangent):
         y = jax_deform.deform_conv2d(x, offset, weight, mask, bias, **KW)
         return jax.lax.psum(jnp.sum(y * cotangent), names), y
 
-    in_specs = tuple(specs.get(k, P()) for k in KEYS) + (y_spec,)
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), y_spec))
+    in_specs = tuple(specs.get(k, P()) for k in KEYS) + (y_spec(specs),)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), y_spec(specs)))
 
     def loss(ops, cotangent):
         return mapped(*(ops[k] for k in KEYS), cotangent)
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True)), y_spec
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 def max_error(got, want) -> float:
@@ -147,15 +151,12 @@ def main(args) -> int:
                                          jax.device_put(cotangent, one))
 
     use_set_mesh = args.style in ("set_mesh", "auto_set_mesh", "shard_map")
-    with jax.set_mesh(mesh) if use_set_mesh else _nothing():
-        y_spec = P(specs["x"][0], None, None, specs["x"][3] if len(specs["x"]) > 3 else None)
-        if args.style == "shard_map":
-            f, y_spec = shard_map_program(mesh, specs, names)
-        else:
-            f = global_program()
+    with jax.set_mesh(mesh) if use_set_mesh else contextlib.nullcontext():
+        f = shard_map_program(mesh, specs, names) if args.style == "shard_map" else \
+            global_program()
         placed = {k: jax.device_put(v, NamedSharding(mesh, specs.get(k, P())))
                   for k, v in ops.items()}
-        ct = jax.device_put(cotangent, NamedSharding(mesh, y_spec))
+        ct = jax.device_put(cotangent, NamedSharding(mesh, y_spec(specs)))
         hlo = f.lower(placed, ct).compile().as_text()
         (value, y), grads = f(placed, ct)
         jax.block_until_ready(grads)
@@ -178,14 +179,6 @@ def main(args) -> int:
         return 1
     print(f"OK {args.case} {args.style} {dict(mesh.shape)}")
     return 0
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
