@@ -4,7 +4,9 @@ The batch is split over a 1-D mesh axis "data"; parameters and optimizer state
 are replicated. deform_conv2d runs shard-local (its sharding rules keep the
 batch split), so the only cross-device traffic of a step is the all-reduce of
 the parameter gradients. The script checks that in the compiled program and
-prints the collectives and their bytes per step, then times the step.
+prints the collectives and their bytes per step, then times the step. The
+step is built, compiled and run under `with jax.set_mesh(mesh):`, as JAX's
+docs do (--no-set-mesh: shardings on the arrays only).
 
     python examples/data_parallel.py --devices 8            # 8 CPU devices
     python examples/data_parallel.py                         # all GPUs, if any
@@ -15,6 +17,7 @@ On CPU, --devices K makes XLA expose K host devices (set before jax starts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, default=5, help="timing windows (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--axis-type", choices=("explicit", "auto"), default="explicit")
+    p.add_argument("--no-set-mesh", dest="set_mesh", action="store_false",
+                   help="do not make the mesh current (jax.set_mesh)")
     p.add_argument("--implementation", default=None, help="deform_conv2d implementation")
     return p.parse_args(argv)
 
@@ -213,12 +218,19 @@ def time_steps(step, state, *, warmup, steps, windows):
 def main(argv=None):
     args = parse_args(argv)
     mesh = make_mesh(args.devices, args.axis_type)
+    with jax.set_mesh(mesh) if args.set_mesh else contextlib.nullcontext():
+        return run(mesh, args)
+
+
+def run(mesh, args):
     step, state = build(mesh, args)
     hlo = step.lower(*state).compile().as_text()
     found = collectives(hlo)
     params_size = param_bytes(state[0])
 
-    print(f"backend {jax.default_backend()}, mesh {dict(mesh.shape)} ({args.axis_type} axes), "
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"mesh {dict(mesh.shape)} ({args.axis_type} axes"
+          f"{', under jax.set_mesh' if args.set_mesh else ''}), "
           f"global batch {args.batch_per_device * mesh.size}")
     print(f"parameters: {params_size} bytes")
     print("collectives per step:")

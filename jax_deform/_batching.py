@@ -90,16 +90,16 @@ def _backward_folded(call, args, dims, size):
         _fold_into_last(weight, wd, size),
         _fold_into_last(grad_y, gd, size),
     )
-    grad_x, grad_offset, grad_mask, grad_weight = grads
-    out = [_unfold_last(grad_x, size), _unfold_last(grad_offset, size)]
-    if has_mask:
-        out.append(_unfold_last(grad_mask, size))
-        mask_dim = 3
-    else:
-        out.append(grad_mask)
-        mask_dim = None
-    out.append(_unfold_last(grad_weight, size))
-    return out, [3, 3, mask_dim, 3]
+    # The batch lands just before the last axis (after any leading partial-sum axis).
+    out, out_dims = [], []
+    for i, g in enumerate(grads):
+        if i == 2 and not has_mask:
+            out.append(g)
+            out_dims.append(None)
+        else:
+            out.append(_unfold_last(g, size))
+            out_dims.append(g.ndim - 1)
+    return out, out_dims
 
 
 def _forward_batch(args, dims, *, params):
@@ -111,9 +111,10 @@ def _bind_forward(*args, params):
     return forward_p.bind(*args, params=params)
 
 
-def _backward_batch(args, dims, *, params, deterministic):
+def _backward_batch(args, dims, *, params, deterministic, partials):
     def call(*a):
-        return backward_p.bind(*a, params=params, deterministic=deterministic)
+        return backward_p.bind(*a, params=params, deterministic=deterministic,
+                               partials=partials)
 
     return _backward_folded(call, args, dims, _batch_size(args, dims))
 

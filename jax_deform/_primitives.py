@@ -11,7 +11,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
+from jax.extend.mlir import ir
+from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import mlir
 
 from jax_deform import _sharding
@@ -93,27 +96,53 @@ backward_p.multiple_results = True
 backward_p.def_impl(_impl(backward_p))
 
 
-def _backward_abstract_eval(x, offset, mask, weight, grad_y, *, params, deterministic):
+def _backward_abstract_eval(x, offset, mask, weight, grad_y, *, params, deterministic,
+                            partials):
+    """grad_x, then grad_offset, grad_mask and grad_weight as partial sums along
+    a leading axis (see _sharding.Partials)."""
     del params, deterministic
     operands = (x, offset, mask, weight, grad_y)
-    shardings = _sharding.backward_output_shardings(x, offset, mask, weight)
-    return tuple(
-        _result_like(operands, a.shape, jnp.float32, s)
-        for a, s in zip((x, offset, mask, weight), shardings)
-    )
+    shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
+    shardings = _sharding.backward_output_shardings(x, offset, mask, weight, partials)
+    return tuple(_result_like(operands, shape, jnp.float32, s)
+                 for shape, s in zip(shapes, shardings))
 
 
 backward_p.def_abstract_eval(_backward_abstract_eval)
 
 
-def _backward_lowering(ctx, x, offset, mask, weight, grad_y, *, params, deterministic):
-    return jax.ffi.ffi_lowering(BACKWARD_TARGET)(
-        ctx, x, offset, mask, weight, grad_y, deterministic=bool(deterministic),
-        **params.ffi_attrs()
+def _backward_lowering(ctx, x, offset, mask, weight, grad_y, *, params, deterministic,
+                       partials, workspace=()):
+    """The kernel writes whole gradients; the partial-sum axis is added after it
+    with bare reshape/pad ops. They carry no sharding annotation, so this is also
+    what runs in the per-shard program of the partitioned call."""
+    del partials  # in ctx.avals_out
+    whole = [jax.core.ShapedArray(a.shape, jnp.float32) for a in ctx.avals_in[:4]]
+    results = jax.ffi.ffi_lowering(BACKWARD_TARGET)(
+        ctx.replace(avals_out=[*whole, *workspace]), x, offset, mask, weight, grad_y,
+        deterministic=bool(deterministic), **params.ffi_attrs()
     )
+    return [_as_partials(ctx, r, a) for r, a in zip(results[:4], ctx.avals_out)]
 
 
-def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic):
+def _as_partials(ctx, value, aval_out):
+    """A whole gradient as aval_out: itself, or the first of aval_out.shape[0]
+    partial sums along a new leading axis (the others zero)."""
+    rank = len(ir.RankedTensorType(value.type).shape)
+    if aval_out.ndim == rank:
+        return value
+    count, shape = aval_out.shape[0], aval_out.shape[1:]
+    one = jax.core.ShapedArray((1, *shape), aval_out.dtype)
+    value = hlo.reshape(mlir.aval_to_ir_type(ctx.module_context, one), value)
+    if count == 1:
+        return value
+    zero = mlir.ir_constant(np.zeros((), aval_out.dtype))
+    high = [count - 1] + [0] * len(shape)
+    return hlo.pad(value, zero, mlir.dense_int_array([0] * len(high)),
+                   mlir.dense_int_array(high), mlir.dense_int_array([0] * len(high)))
+
+
+def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic, partials):
     del deterministic
     layout = layout_of(x, offset, weight)
     has_mask = mask.size > 0
@@ -123,8 +152,11 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
                                params, layout)
 
     _, vjp = jax.vjp(f, x, offset, mask, weight)
-    grads = vjp(grad_y)
-    return [g.astype(jnp.float32) for g in grads]
+    grads = [g.astype(jnp.float32) for g in vjp(grad_y)]
+    shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
+    return [g if g.ndim == len(shape) else
+            jnp.pad(g[None], [(0, shape[0] - 1)] + [(0, 0)] * g.ndim)
+            for g, shape in zip(grads, shapes)]
 
 
 def varying_axes(aval) -> frozenset:
@@ -142,7 +174,8 @@ def _result_like(operands, shape, dtype, sharding):
     return template.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 
-def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, deterministic):
+def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, deterministic,
+                            partials):
     """The CUDA kernel also needs device workspace (per-tile grad_weight partial
     sums; the deterministic path's contribution buckets). XLA allocates it as an
     extra result of the custom call, which is dropped here."""
@@ -153,10 +186,9 @@ def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, det
         bool(deterministic),
     )
     workspace = jax.core.ShapedArray((max(int(nbytes), 1),), jnp.uint8)
-    ctx = ctx.replace(avals_out=[*ctx.avals_out, workspace])
-    results = _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,
-                                 deterministic=deterministic)
-    return results[:4]
+    return _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,
+                              deterministic=deterministic, partials=partials,
+                              workspace=(workspace,))
 
 
 for _platform in KERNEL_PLATFORMS:

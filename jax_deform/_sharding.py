@@ -13,8 +13,21 @@ which split the channels; everything else follows from it:
 The plan is used twice: in abstract evaluation, where mesh axes of type
 Explicit put shardings into the types, and in the custom partitioning rule
 that tells XLA (Shardy, or GSPMD when Shardy is off) how to run the kernel per
-shard, including the reductions that cross shards (grad_weight over batch
-shards, grad_offset/grad_mask over channel shards when G = 1).
+shard.
+
+Reductions that cross shards (grad_weight over batch shards, grad_offset and
+grad_mask over channel shards when G = 1) are not done inside the partitioned
+call: the backward returns them as partial sums along a leading axis, one per
+shard, sharded over the mesh axes being reduced, and the caller adds them up
+with an ordinary jnp.sum, for which XLA's own partitioner emits the
+all-reduce. The per-shard program is then the kernel alone. (A collective traced
+inside a partitioning callback is lowered under whatever mesh is current
+there; under `jax.set_mesh` with Explicit axes jax wraps the all-reduce's
+reducer in sharding ops, which XLA:GPU rejects.) The number of partial sums is
+a shape, so it is fixed at trace time, from the types: with Auto axes, where
+XLA picks the split only later, there is one, and the callback then sums
+across shards itself with a psum, which is safe there because no mesh with
+Explicit axes is current.
 """
 
 from __future__ import annotations
@@ -22,10 +35,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_deform._params import ConvParams, Layout, layout_of
@@ -120,11 +135,80 @@ def forward_output_sharding(x, offset, weight):
     return _typed(x, _typed_plan(x, layout_of(x, offset, weight)).y())
 
 
-def backward_output_shardings(x, offset, mask, weight):
-    """Shardings of (grad_x, grad_offset, grad_mask, grad_weight) in the types:
-    exactly those of the operands (custom_vjp insists on it), so grad_weight
-    is replicated over the batch, summed inside the partitioned call."""
-    return tuple(a.sharding for a in (x, offset, mask, weight))
+class Partials(NamedTuple):
+    """How many partial sums the backward returns along a leading axis: of
+    grad_offset and grad_mask (one per channel shard when G = 1) and of
+    grad_weight (one per batch shard). Their sum is the gradient."""
+
+    offset: int = 1
+    weight: int = 1
+
+    def result_shapes(self, x, offset, mask, weight):
+        """Shapes of (grad_x, grad_offset, grad_mask, grad_weight) given the
+        operands' shapes; an absent mask's gradient stays empty."""
+        has_mask = math.prod(mask) > 0
+        return (tuple(x), (self.offset, *offset),
+                (self.offset, *mask) if has_mask else tuple(mask), (self.weight, *weight))
+
+
+def _spec_axes(spec) -> set[str]:
+    return {a for entry in spec for a in _axes(entry)}
+
+
+def _typed_reductions(x, offset, mask, weight) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The Explicit mesh axes over which grad_offset/grad_mask and grad_weight
+    are summed across shards, by the types. An axis that already shards the
+    gradient itself cannot also index its partial sums (never the case for
+    the plan's own shardings): those are left to the partitioner."""
+    p = _typed_plan(x, layout_of(x, offset, weight))
+
+    def free(axes, *avals):
+        used = set().union(*(_spec_axes(a.sharding.spec) for a in avals))
+        other_mesh = any(not a.sharding.mesh.empty and a.sharding.mesh != x.sharding.mesh
+                         for a in avals)
+        return () if used & set(axes) or other_mesh else axes
+
+    return free(p.offset_reduction_axes(), offset, mask), free(p.batch, weight)
+
+
+def typed_partials(x, offset, mask, weight) -> Partials:
+    """The partial-sum counts for operands of these types."""
+    axes_o, axes_w = _typed_reductions(x, offset, mask, weight)
+    sizes = dict(x.sharding.mesh.shape)
+    return Partials(offset=_count(axes_o, sizes), weight=_count(axes_w, sizes))
+
+
+def _leading(axes: tuple[str, ...], spec) -> P:
+    return P(Plan._entry(axes), *spec)
+
+
+def backward_output_shardings(x, offset, mask, weight, partials: Partials):
+    """Shardings of (grad_x, grad_offset, grad_mask, grad_weight) in the types.
+    Summed over their leading axis they are exactly those of the operands
+    (custom_vjp insists on it); the leading axis is split over the mesh axes
+    the partial sums come from, when the types say which."""
+    axes_o, axes_w = _typed_reductions(x, offset, mask, weight)
+    sizes = dict(x.sharding.mesh.shape)
+
+    def lead(aval, axes, count):
+        if aval.size == 0:  # absent mask
+            return aval.sharding
+        spec = tuple(aval.sharding.spec) + (None,) * (aval.ndim - len(aval.sharding.spec))
+        if count == 1 or _count(axes, sizes) != count:
+            return _typed(aval, _leading((), spec))
+        # The axes are x's; an operand without a mesh in its type is replicated.
+        return _typed(aval if aval.sharding.mesh == x.sharding.mesh else x, _leading(axes, spec))
+
+    return (x.sharding, lead(offset, axes_o, partials.offset), lead(mask, axes_o, partials.offset),
+            lead(weight, axes_w, partials.weight))
+
+
+def sum_partials(grad, count: int):
+    """The gradient from its partial sums (a leading axis of `count`): XLA
+    turns the sum over a sharded axis into an all-reduce."""
+    if count == 1:
+        return jax.lax.squeeze(grad, (0,))  # bitwise the kernel's result
+    return jnp.sum(grad, axis=0)
 
 
 # -------------------------------------------------- custom partitioning rules
@@ -172,10 +256,10 @@ class _Rule:
 #: Factors that are never split: spatial axes, taps, offset channels that are
 #: not tied to x's channels, and the empty placeholders of absent operands.
 _REPLICATED = ("h", "w", "ho", "wo", "kh", "kw", "one", "taps2", "taps", "offsets", "masks",
-               "nomask", "nobias")
+               "nomask", "nobias", "osum", "wsum")
 
 
-def _channel_dims(rule: _Rule, layout: Layout, mesh):
+def _channel_dims(rule: _Rule, layout: Layout, mesh, partials: int = 1):
     """x's C, C*M, and the offsets' and mask's channel axes, as rule dims.
 
     With G > 1 the offset group is a factor shared by x's channels and the
@@ -184,8 +268,15 @@ def _channel_dims(rule: _Rule, layout: Layout, mesh):
     one mesh axis over group and channel-in-group (sub-axes), which the
     partitioning callbacks cannot express; the offsets' channels are then
     kept whole and each channel shard slices its groups locally.
+
+    With `partials` > 1 (G = 1, channels split in the types) the channels'
+    major factor "rc" is the channel shard that each partial sum of the
+    offsets' gradient comes from.
     """
     g, cg, m, k = layout.groups, layout.c // layout.groups, layout.multiplier, layout.taps
+    if partials > 1:
+        c = (("rc", partials), ("c", layout.c // partials))
+        return rule.dim(*c), rule.dim(*c, ("m", m)), "offsets", "masks"
     if g > 1 and all(g % size == 0 for size in dict(mesh.shape).values()):
         # Channel c*M + j of y reads channel c of x, which is in group c // cg.
         c_dim = rule.dim(("g", g), ("cg", cg))
@@ -215,14 +306,22 @@ def _forward_rule(params, layout, has_mask, has_bias, mesh, operand_types, resul
     return rule, _rule_kwargs(rule, r)
 
 
-def _backward_rule(params, deterministic, layout, has_mask, mesh, operand_types, result_types):
+def _backward_rule(params, deterministic, layout, has_mask, partials, mesh, operand_types,
+                   result_types):
     del params, deterministic, operand_types, result_types
     r = _Rule()
-    c, cm, off, msk = _channel_dims(r, layout, mesh)
-    x, offset = r.array("n", "h", "w", c), r.array("n", "ho", "wo", off)
-    mask = r.array("n", "ho", "wo", msk) if has_mask else "nomask"
-    weight, grad_y = r.array("kh", "kw", "one", cm), r.array("n", "ho", "wo", cm)
-    rule = f"{x} , {offset} , {mask} , {weight} , {grad_y} -> {x} , {offset} , {mask} , {weight}"
+    c, cm, off, msk = _channel_dims(r, layout, mesh, partials.offset)
+    # The batch's major factor "rb" is the batch shard each partial sum of
+    # grad_weight comes from; likewise "rc" for the offsets' gradient.
+    n = r.dim(("rb", partials.weight), ("n", layout.n // partials.weight))
+    lead_o = r.dim(("rc", partials.offset)) if partials.offset > 1 else "osum"
+    lead_w = r.dim(("rb", partials.weight)) if partials.weight > 1 else "wsum"
+    x, offset = r.array(n, "h", "w", c), r.array(n, "ho", "wo", off)
+    mask = r.array(n, "ho", "wo", msk) if has_mask else "nomask"
+    weight, grad_y = r.array("kh", "kw", "one", cm), r.array(n, "ho", "wo", cm)
+    grad_mask = r.array(lead_o, mask) if has_mask else "nomask"
+    rule = (f"{x} , {offset} , {mask} , {weight} , {grad_y} -> "
+            f"{x} , {lead_o} {offset} , {grad_mask} , {lead_w} {weight}")
     return rule, _rule_kwargs(rule, r)
 
 
@@ -273,51 +372,108 @@ def partitioned_forward(kernel: Callable) -> Callable:
     return forward
 
 
-def partitioned_backward(kernel: Callable) -> Callable:
-    """Wraps `kernel(x, offset, mask, weight, grad_y, params=..., deterministic=...)`
-    (returning grad_x, grad_offset, grad_mask, grad_weight) so that XLA runs it
-    per shard and sums the partial gradients across shards."""
+def _explicit_axes_current() -> bool:
+    """Whether the mesh current where the partitioning callback runs has
+    Explicit axes (jax >= 0.11 runs it under the caller's `jax.set_mesh`)."""
+    return AxisType.Explicit in tuple(jax.sharding.get_abstract_mesh().axis_types)
 
-    def call(x, offset, mask, weight, grad_y, params, deterministic, layout, has_mask):
-        del layout, has_mask
-        return tuple(kernel(x, offset, mask, weight, grad_y, params=params,
-                            deterministic=deterministic))
 
-    def shardings(p: Plan, mesh, has_mask):
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """How one partitioned backward runs: the plan, the mesh axes along which
+    the partial sums of grad_offset/grad_mask and of grad_weight are split (one
+    per shard), and the axes summed inside the call instead (Auto axes only)."""
+
+    plan: Plan
+    lead_offset: tuple[str, ...] = ()
+    lead_weight: tuple[str, ...] = ()
+    psum_offset: tuple[str, ...] = ()
+    psum_weight: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(p: Plan, partials: Partials, mesh) -> _Split:
+        sizes = dict(mesh.shape)
+
+        def settle(axes, count):
+            """(lead, psum), or None when these axes cannot be split here."""
+            if _count(axes, sizes) == count:
+                return axes, ()
+            if count == 1 and not _explicit_axes_current():
+                return (), axes  # Auto axes: the split was not in the types
+            return None
+
+        weight = settle(p.batch, partials.weight)
+        if weight is None:  # gather the batch rather than emit a bad collective
+            p, weight = dataclasses.replace(p, batch=()), ((), ())
+        offset = settle(p.offset_reduction_axes(), partials.offset)
+        if offset is None:  # likewise, keep the channels whole
+            p, offset = dataclasses.replace(p, channel=(), split_groups=False), ((), ())
+        return _Split(p, offset[0], weight[0], offset[1], weight[1])
+
+    def shardings(self, mesh, has_mask):
+        p = self.plan
         args = (p.x(), p.offset(), p.mask(has_mask), p.weight(), p.y())
-        outs = (p.grad_x(), p.offset(), p.mask(has_mask), p.weight())
+        outs = (p.grad_x(), _leading(self.lead_offset, p.offset()),
+                _leading(self.lead_offset, p.mask()) if has_mask else p.mask(False),
+                _leading(self.lead_weight, p.weight()))
         return _named(mesh, args), _named(mesh, outs)
 
-    def infer(params, deterministic, layout, has_mask, mesh, arg_shapes, result_shape):
-        del params, deterministic, result_shape
-        return shardings(_mesh_plan(mesh, arg_shapes, layout), mesh, has_mask)[1]
+    def local_partials(self, partials: Partials, mesh) -> Partials:
+        sizes = dict(mesh.shape)
+        return Partials(offset=partials.offset // _count(self.lead_offset, sizes),
+                        weight=partials.weight // _count(self.lead_weight, sizes))
 
-    def partition(params, deterministic, layout, has_mask, mesh, arg_shapes, result_shape):
+
+def partitioned_backward(kernel: Callable) -> Callable:
+    """Wraps `kernel(x, offset, mask, weight, grad_y, params=..., deterministic=...,
+    partials=...)` (returning grad_x and the partial sums of grad_offset,
+    grad_mask and grad_weight) so that XLA runs it per shard; the returned
+    function adds the partial sums up. Returns f(x, offset, mask, weight,
+    grad_y, params, deterministic) -> [grad_x, grad_offset, grad_mask, grad_weight]."""
+
+    def call(x, offset, mask, weight, grad_y, params, deterministic, layout, has_mask, partials):
+        del layout, has_mask
+        return tuple(kernel(x, offset, mask, weight, grad_y, params=params,
+                            deterministic=deterministic, partials=partials))
+
+    def split(layout, partials, mesh, arg_shapes) -> _Split:
+        return _Split.of(_mesh_plan(mesh, arg_shapes, layout), partials, mesh)
+
+    def infer(params, deterministic, layout, has_mask, partials, mesh, arg_shapes, result_shape):
+        del params, deterministic, result_shape
+        return split(layout, partials, mesh, arg_shapes).shardings(mesh, has_mask)[1]
+
+    def partition(params, deterministic, layout, has_mask, partials, mesh, arg_shapes,
+                  result_shape):
         del result_shape
-        p = _mesh_plan(mesh, arg_shapes, layout)
-        args, outs = shardings(p, mesh, has_mask)
+        s = split(layout, partials, mesh, arg_shapes)
+        args, outs = s.shardings(mesh, has_mask)
+        local_partials = s.local_partials(partials, mesh)
 
         def local(x, offset, mask, weight, grad_y):
             gx, goff, gmask, gw = kernel(x, offset, mask, weight, grad_y, params=params,
-                                         deterministic=deterministic)
-            # Each shard saw part of the batch: grad_weight is a partial sum.
-            if p.batch:
-                gw = jax.lax.psum(gw, p.batch)
-            # With G = 1 each channel shard adds its channels' share of the
-            # offsets' gradient.
-            if p.offset_reduction_axes():
-                goff, gmask = jax.lax.psum((goff, gmask), p.offset_reduction_axes())
+                                         deterministic=deterministic, partials=local_partials)
+            # Only with Auto axes (see _Split.of): sums across shards in here.
+            if s.psum_weight:
+                gw = jax.lax.psum(gw, s.psum_weight)
+            if s.psum_offset:
+                goff, gmask = jax.lax.psum((goff, gmask), s.psum_offset)
             return gx, goff, gmask, gw
 
         return mesh, local, outs, args
 
-    wrapped = custom_partitioning(call, static_argnums=(5, 6, 7, 8))
+    wrapped = custom_partitioning(call, static_argnums=(5, 6, 7, 8, 9))
     wrapped.def_partition(partition, infer_sharding_from_operands=infer,
                           sharding_rule=_backward_rule)
 
     def backward(x, offset, mask, weight, grad_y, params: ConvParams, deterministic: bool):
         layout = layout_of(x, offset, weight)
-        return list(wrapped(x, offset, mask, weight, grad_y, params, bool(deterministic),
-                            layout, mask.size > 0))
+        partials = typed_partials(*(jax.typeof(a) for a in (x, offset, mask, weight)))
+        gx, goff, gmask, gw = wrapped(x, offset, mask, weight, grad_y, params,
+                                      bool(deterministic), layout, mask.size > 0, partials)
+        if mask.size > 0:
+            gmask = sum_partials(gmask, partials.offset)
+        return [gx, sum_partials(goff, partials.offset), gmask,
+                sum_partials(gw, partials.weight)]
 
     return backward
