@@ -12,7 +12,15 @@ from jax.test_util import check_grads
 
 import jax_deform
 from jax_deform import reference
-from tests.helpers import DEVICES, device_of, make_problem, poisoned, rel_err
+from tests.helpers import (
+    DEVICES,
+    assert_rounded_from,
+    device_of,
+    make_problem,
+    poisoned,
+    rel_err,
+    unit_roundoff,
+)
 
 
 
@@ -76,13 +84,31 @@ def test_nchw_matches_nhwc(rng, device):
     assert rel_err(jnp.transpose(y, (0, 2, 3, 1)), p.expected()) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 3e-3)])
-def test_half_precision(rng, device, dtype, tol):
-    p = make_problem(rng, c=8, groups=2)
-    p.round_to(dtype)  # only the kernel's arithmetic counts, not the input rounding
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_is_the_float32_result_rounded(rng, device, dtype):
+    # Inputs exactly representable in dtype: the kernel reads them, computes in
+    # float32 and rounds once to nearest even. So its output is the float32
+    # kernel's on the same values, rounded (not truncated), element by element,
+    # and within the unit roundoff of the float64 oracle (plus float32 error).
+    p = make_problem(rng, c=8, groups=2, multiplier=2)
+    p.round_to(dtype)
     y = run_forward(p, device, dtype)
+    y32 = run_forward(p, device, np.float32)
     assert y.dtype == dtype
-    assert rel_err(y, p.expected()) < tol
+    assert rel_err(y32, p.expected()) < 1e-5
+    assert_rounded_from(y, y32, dtype)
+    assert rel_err(y, p.expected()) < unit_roundoff(dtype) + 1e-5
+    # Gradients are computed in float32 and rounded to dtype the same way.
+    cot = jnp.asarray(rng.standard_normal(p.expected().shape), dtype)
+
+    def grads(dt):
+        args = p.args(dt, device)
+        c = jax.device_put(cot.astype(dt), device)
+        return jax.vjp(lambda *a: ffi_conv(*a, **p.kwargs()), *args)[1](c)
+
+    for name, g, g32 in zip(["x", "offset", "weight", "mask", "bias"],
+                            grads(dtype), grads(np.float32)):
+        assert_rounded_from(g, g32, dtype, what=f"grad_{name}")
 
 
 def test_lowers_to_the_custom_call(rng):
