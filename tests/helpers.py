@@ -170,3 +170,27 @@ def assert_rounded_from(got, f32, dtype, min_exact=0.99, what="output"):
     off = ~same
     assert np.all(np.abs(got[off] - want[off]) <= ulp(want[off], dtype)), (
         f"{what}: more than one ulp from the rounded float32 result")
+
+
+# ------------------------------------------------------------ Flax layers
+
+def constant_prediction_oracle(rng, x, kernel, bias, *, strides, padding, dilation, groups):
+    """For a DeformConv whose offset predictor has a zero kernel: a random bias
+    for that predictor (offsets off the integer lattice, mask logits in
+    [-3, 3]) and the layer output the float64 oracle gives for it, with the
+    README's mask = 2 * sigmoid(logits). Returns (predictor_bias, expected y,
+    expected mask)."""
+    kh, kw = kernel.shape[:2]
+    taps = kh * kw
+    offsets = rng.integers(-2, 2, 2 * groups * taps) + rng.uniform(0.1, 0.9, 2 * groups * taps)
+    logits = rng.uniform(-3, 3, groups * taps)
+    stride = (strides, strides) if isinstance(strides, int) else tuple(strides)
+    dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    pad, (ho, wo) = geometry(x.shape[1:3], (kh, kw), stride, padding, dil)
+    n = x.shape[0]
+    mask = np.broadcast_to(2.0 / (1.0 + np.exp(-logits)), (n, ho, wo, groups * taps))
+    y = numpy_reference.deform_conv2d(
+        np.asarray(x, np.float64), np.broadcast_to(offsets, (n, ho, wo, 2 * groups * taps)),
+        np.asarray(kernel, np.float64), mask, None if bias is None else np.asarray(bias),
+        stride=stride, pad=pad, dilation=dil)
+    return np.concatenate([offsets, logits]).astype(np.float32), y, mask
