@@ -140,7 +140,7 @@ FD_CASES = [
     dict(padding="SAME", stride=2, h=6, w=8, c=3, groups=3),  # totals 1 and 1
     dict(padding="SAME", kernel=(2, 4), h=5, w=6, c=2, multiplier=2),  # totals 1 and 3
     dict(padding="VALID", kernel=(2, 3), h=6, w=7, with_mask=False),
-    dict(padding=((0, 2), (1, 0)), kernel=(3, 2), stride=(1, 2), dilation=(2, 1), h=6, w=8, c=4,
+    dict(padding=((0, 2), (1, 0)), kernel=(3, 2), stride=(1, 2), dilation=(2, 1), h=6, w=9, c=4,
          groups=4, with_bias=False),
     dict(c=4, groups=2, multiplier=2, stride=(2, 1), padding=((2, 0), (0, 1)), nchw=True),
 ]
