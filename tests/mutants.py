@@ -218,7 +218,7 @@ class Workspace:
 
 
 def _first_failure(output: str) -> str:
-    m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    m = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)
     if m:
         return m.group(1)
     m = re.search(r"^E\s+(.*)$", output, re.M)
