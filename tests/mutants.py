@@ -16,7 +16,7 @@ JAX_DEFORM_CUDA=ON); elsewhere their search strings are still checked.
     python tests/mutants.py --list
 
 Needs cmake, a C++17 compiler and nanobind (`pip install nanobind`) in the
-environment that runs the tests. Takes about 10 minutes on 2 cores.
+environment that runs the tests. Takes about 3 minutes on 2 cores.
 """
 
 from __future__ import annotations
