@@ -39,6 +39,17 @@ def _has_gpu() -> bool:
 
 HAS_GPU = _has_gpu()
 
+# The device run sets JAX_DEFORM_REQUIRE_GPU=1: there a GPU test that does not
+# run (no device visible, kernels built without CUDA, a skip inside the test)
+# is a failure, not a quiet skip.
+REQUIRE_GPU = os.environ.get("JAX_DEFORM_REQUIRE_GPU", "") not in ("", "0")
+if REQUIRE_GPU and not (HAS_GPU and "cuda" in jax_deform.kernel_platforms()):
+    raise pytest.UsageError(
+        "JAX_DEFORM_REQUIRE_GPU is set but "
+        + ("jax sees no GPU" if not HAS_GPU else
+           f"jax_deform has no CUDA kernels (built for {sorted(jax_deform.kernel_platforms())})")
+    )
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
@@ -47,6 +58,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_GPU and report.skipped and "gpu" in item.keywords:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"GPU test skipped under JAX_DEFORM_REQUIRE_GPU=1: {reason}"
 
 
 @pytest.fixture

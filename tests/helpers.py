@@ -131,3 +131,66 @@ def poisoned(fn, out_shapes, *args):
         "outputs were not aliased to the poisoned buffers"
     )
     return compiled(poison, *args)
+
+
+# ------------------------------------------------------------ dtype rounding
+
+def ulp(values, dtype) -> np.ndarray:
+    """The spacing of `dtype` at |values| (one unit in the last place)."""
+    info = jnp.finfo(dtype)
+    a = np.abs(np.asarray(values, np.float64))
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    exponent = np.where(a > 0, np.maximum(exponent, info.minexp), info.minexp)
+    return np.exp2(exponent - info.nmant)
+
+
+def unit_roundoff(dtype) -> float:
+    """Largest relative error of rounding to nearest in `dtype`: half its epsilon."""
+    return float(jnp.finfo(dtype).eps) / 2
+
+
+def assert_rounded_from(got, f32, dtype, min_exact=0.99, what="output"):
+    """`got` (in `dtype`) is the float32 result `f32` rounded to nearest even:
+    bitwise for at least `min_exact` of the elements (a GPU may sum in another
+    order and land on the other side of a rounding tie), within one ulp of it
+    everywhere, with the same NaNs."""
+    got = np.asarray(got)
+    assert got.dtype == np.dtype(dtype), (got.dtype, dtype)
+    got = got.astype(np.float64)
+    # NumPy's (ml_dtypes') conversion rounds to nearest even; XLA is not involved.
+    want = np.asarray(f32, np.float32).astype(dtype).astype(np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=what)
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    mismatched = int(np.size(same) - np.count_nonzero(same))
+    assert mismatched <= (1 - min_exact) * np.size(same), (
+        f"{what}: {mismatched} of {np.size(same)} elements are not the float32 result "
+        f"rounded to nearest even {np.dtype(dtype).name}")
+    off = ~same
+    assert np.all(np.abs(got[off] - want[off]) <= ulp(want[off], dtype)), (
+        f"{what}: more than one ulp from the rounded float32 result")
+
+
+# ------------------------------------------------------------ Flax layers
+
+def constant_prediction_oracle(rng, x, kernel, bias, *, strides, padding, dilation, groups):
+    """For a DeformConv whose offset predictor has a zero kernel: a random bias
+    for that predictor (offsets off the integer lattice, mask logits in
+    [-3, 3]) and the layer output the float64 oracle gives for it, with the
+    README's mask = 2 * sigmoid(logits). Returns (predictor_bias, expected y,
+    expected mask)."""
+    kh, kw = kernel.shape[:2]
+    taps = kh * kw
+    offsets = rng.integers(-2, 2, 2 * groups * taps) + rng.uniform(0.1, 0.9, 2 * groups * taps)
+    logits = rng.uniform(-3, 3, groups * taps)
+    stride = (strides, strides) if isinstance(strides, int) else tuple(strides)
+    dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    pad, (ho, wo) = geometry(x.shape[1:3], (kh, kw), stride, padding, dil)
+    n = x.shape[0]
+    mask = np.broadcast_to(2.0 / (1.0 + np.exp(-logits)), (n, ho, wo, groups * taps))
+    y = numpy_reference.deform_conv2d(
+        np.asarray(x, np.float64), np.broadcast_to(offsets, (n, ho, wo, 2 * groups * taps)),
+        np.asarray(kernel, np.float64), mask, None if bias is None else np.asarray(bias),
+        stride=stride, pad=pad, dilation=dil)
+    return np.concatenate([offsets, logits]).astype(np.float32), y, mask

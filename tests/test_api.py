@@ -12,7 +12,15 @@ from jax.test_util import check_grads
 
 import jax_deform
 from jax_deform import reference
-from tests.helpers import DEVICES, device_of, make_problem, poisoned, rel_err
+from tests.helpers import (
+    DEVICES,
+    assert_rounded_from,
+    device_of,
+    make_problem,
+    poisoned,
+    rel_err,
+    unit_roundoff,
+)
 
 
 
@@ -47,6 +55,10 @@ CASES = [
     dict(c=8, groups=8, multiplier=2, with_bias=False),
     dict(c=12, groups=3, stride=3, padding=1, h=10, w=8),
     dict(n=1, h=1, w=1, kernel=(1, 1), padding=0, c=3, groups=3),
+    # SAME with odd totals: the extra row/column goes to the bottom/right.
+    dict(padding="SAME", stride=2, kernel=(3, 4), h=8, w=6),  # totals 1 and 2
+    dict(padding="SAME", kernel=(2, 4), dilation=(1, 2), groups=2),  # totals 1 and 6
+    dict(padding="SAME", kernel=(4, 2), h=5, w=4, multiplier=2),  # totals 3 and 1
 ]
 
 
@@ -76,13 +88,31 @@ def test_nchw_matches_nhwc(rng, device):
     assert rel_err(jnp.transpose(y, (0, 2, 3, 1)), p.expected()) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 3e-3)])
-def test_half_precision(rng, device, dtype, tol):
-    p = make_problem(rng, c=8, groups=2)
-    p.round_to(dtype)  # only the kernel's arithmetic counts, not the input rounding
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_is_the_float32_result_rounded(rng, device, dtype):
+    # Inputs exactly representable in dtype: the kernel reads them, computes in
+    # float32 and rounds once to nearest even. So its output is the float32
+    # kernel's on the same values, rounded (not truncated), element by element,
+    # and within the unit roundoff of the float64 oracle (plus float32 error).
+    p = make_problem(rng, c=8, groups=2, multiplier=2)
+    p.round_to(dtype)
     y = run_forward(p, device, dtype)
+    y32 = run_forward(p, device, np.float32)
     assert y.dtype == dtype
-    assert rel_err(y, p.expected()) < tol
+    assert rel_err(y32, p.expected()) < 1e-5
+    assert_rounded_from(y, y32, dtype)
+    assert rel_err(y, p.expected()) < unit_roundoff(dtype) + 1e-5
+    # Gradients are computed in float32 and rounded to dtype the same way.
+    cot = jnp.asarray(rng.standard_normal(p.expected().shape), dtype)
+
+    def grads(dt):
+        args = p.args(dt, device)
+        c = jax.device_put(cot.astype(dt), device)
+        return jax.vjp(lambda *a: ffi_conv(*a, **p.kwargs()), *args)[1](c)
+
+    for name, g, g32 in zip(["x", "offset", "weight", "mask", "bias"],
+                            grads(dtype), grads(np.float32)):
+        assert_rounded_from(g, g32, dtype, what=f"grad_{name}")
 
 
 def test_lowers_to_the_custom_call(rng):
@@ -246,6 +276,32 @@ def test_grad_of_vmap_and_vmap_of_grad(rng, device):
             *[jnp.asarray(a, jnp.float64) for a in (xs[j], offs[j], weight)])
         for g, w_ in zip(per_ex, want):
             assert rel_err(g[j], w_) < 1e-5
+
+
+@pytest.mark.parametrize("in_axes", VMAP_AXES, ids=[str(a) for a in VMAP_AXES])
+def test_vmap_of_grad_every_axis_pattern(rng, device, in_axes):
+    # Per-example gradients of all five operands, for every in_axes pattern
+    # (batched weight, mask and bias included): the backward's vmap rule.
+    b = 3
+    problems = [make_problem(rng, c=4, groups=2, multiplier=2) for _ in range(b)]
+    stacked = []
+    for i, axis in enumerate(in_axes):
+        parts = [pr.args(np.float32, device)[i] for pr in problems]
+        stacked.append(parts[0] if axis is None else jnp.stack(parts, axis))
+    kw = problems[0].kwargs()
+
+    def loss(conv, *a):
+        return jnp.sum(jnp.sin(conv(*a, **kw)))
+
+    per_example = jax.jit(jax.vmap(jax.grad(lambda *a: loss(ffi_conv, *a), (0, 1, 2, 3, 4)),
+                                   in_axes=in_axes))(*stacked)
+    for j in range(b):
+        one = [a if axis is None else jnp.take(a, j, axis) for a, axis in zip(stacked, in_axes)]
+        want = jax.grad(lambda *a: loss(reference.deform_conv2d, *a), (0, 1, 2, 3, 4))(
+            *[jnp.asarray(a, jnp.float64) for a in one])
+        for name, g, w in zip(["x", "offset", "weight", "mask", "bias"], per_example, want):
+            assert g.shape[1:] == w.shape, name
+            assert rel_err(g[j], w) < 1e-5, (name, j)
 
 
 # ------------------------------------------------------------------ bad input

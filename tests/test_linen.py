@@ -14,6 +14,7 @@ from jax import lax  # noqa: E402
 
 import jax_deform  # noqa: E402
 from jax_deform.linen import DeformConv, from_depthwise_conv  # noqa: E402
+from tests.helpers import constant_prediction_oracle  # noqa: E402
 
 
 def _x(rng, shape, dtype=np.float32):
@@ -63,6 +64,23 @@ def test_init_equals_depthwise_conv(rng, strides, padding, dilation, m, g, modul
     want = depthwise_reference(x, params["kernel"], params["bias"], strides, padding, dilation)
     assert y.shape == want.shape and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides,padding,g", [((1, 1), "SAME", 1), ((2, 2), "SAME", 2),
+                                              ((1, 1), ((1, 1), (1, 1)), 4)])
+def test_predicted_mask_is_twice_the_sigmoid_of_the_logits(rng, strides, padding, g):
+    # Nonzero logits and offsets: a zero predictor kernel with a random bias
+    # predicts the same offsets and mask logits at every pixel.
+    layer = DeformConv(kernel_size=(3, 3), strides=strides, padding=padding, offset_groups=g,
+                       modulated=True)
+    x = _x(rng, (2, 7, 8, 4))
+    params = _randomize(rng, layer.init(_key(rng), x)["params"])
+    pred_bias, want, _ = constant_prediction_oracle(
+        rng, x, params["kernel"], params["bias"], strides=strides, padding=padding,
+        dilation=1, groups=g)
+    params["offset_conv"] = dict(params["offset_conv"], bias=jnp.asarray(pred_bias))
+    y = layer.apply({"params": params}, x)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_offset_predictor_and_optax_step(rng):

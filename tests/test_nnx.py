@@ -18,6 +18,7 @@ from jax import lax  # noqa: E402
 
 import jax_deform  # noqa: E402
 from jax_deform.nnx import DeformConv, from_depthwise_conv  # noqa: E402
+from tests.helpers import constant_prediction_oracle  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +91,24 @@ def test_init_equals_depthwise_conv(rng, kernel, strides, padding, dilation, m, 
         assert np.all(np.asarray(mask) == 1.0)  # exactly 1, not 0.5
     else:
         assert mask is None
+
+
+@pytest.mark.parametrize("strides,padding,g", [(1, "SAME", 1), (2, "SAME", 2), (1, 1, 4)])
+def test_predicted_mask_is_twice_the_sigmoid_of_the_logits(rng, strides, padding, g):
+    # Nonzero logits and offsets: a zero predictor kernel with a random bias
+    # predicts the same offsets and mask logits at every pixel.
+    c = 4
+    layer = DeformConv(c, (3, 3), strides=strides, padding=padding, offset_groups=g,
+                       modulated=True, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    _randomize(rng, layer)
+    x = _x(rng, (2, 7, 8, c))
+    pred_bias, want, want_mask = constant_prediction_oracle(
+        rng, x, layer.kernel[...], layer.bias[...], strides=strides, padding=padding,
+        dilation=1, groups=g)
+    layer.offset_conv.bias[...] = jnp.asarray(pred_bias)
+    _, mask = layer.sampling_offsets(x)
+    np.testing.assert_allclose(np.asarray(mask), want_mask, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_bias(rng):

@@ -1,0 +1,307 @@
+"""Mutation check of the test suite: does it catch the bugs it claims to catch?
+
+Each mutant is one small, plausible bug, applied by exact string replacement
+to a temporary copy of the repository (the files `git ls-files` lists). The
+copy's extension is built CPU-only (JAX_DEFORM_CUDA=OFF) with CMake into one
+build directory that every mutant reuses, and the tests that should catch the
+bug are run against the copy. A mutant is KILLED when they fail, SURVIVED when
+they pass. A mutant whose search string is not in its file (exactly once) is
+an ERROR: the list must not rot silently when the code changes.
+
+Mutants of the CUDA kernels run only where a GPU is visible (with
+JAX_DEFORM_CUDA=ON); elsewhere their search strings are still checked.
+
+    python tests/mutants.py                 # all mutants; exit 1 unless all are killed
+    python tests/mutants.py bf16 grad_mask  # only mutants whose name contains a word
+    python tests/mutants.py --list
+
+Needs cmake, a C++17 compiler and nanobind (`pip install nanobind`) in the
+environment that runs the tests. Takes about 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments that should kill it
+    cuda: bool = False  # runs only with a GPU
+
+    @property
+    def compiled(self) -> bool:
+        return self.path.startswith("lib/")
+
+
+FORWARD = "tests/test_api.py::test_forward_matches_float64_oracle"
+GRADIENTS = "tests/test_gradients.py"
+HALF = "tests/test_api.py::test_half_precision_is_the_float32_result_rounded"
+HOSTILE_BACKWARD = "tests/test_hostile.py::test_extreme_offsets_backward"
+
+MUTANTS = [
+    # ---- the six of issue 18
+    Mutant("corner weights: x/y fractions swapped in two corners", "lib/deform_math.h",
+           "  wgt[1] = hy * b.lx * b.valid[1];\n  wgt[2] = b.ly * hx * b.valid[2];",
+           "  wgt[1] = hx * b.ly * b.valid[1];\n  wgt[2] = b.lx * hy * b.valid[2];",
+           (FORWARD, "-k", "cpu")),
+    Mutant("grad_weight: mask multiply dropped", "lib/cpu_kernels.cc",
+           "float* wp = wpart + k * cm;\n"
+           "            for (int64_t c = 0; c < count; ++c) {\n"
+           "              const float v = t.mask * val[c];",
+           "float* wp = wpart + k * cm;\n"
+           "            for (int64_t c = 0; c < count; ++c) {\n"
+           "              const float v = val[c];",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("SAME: extra pad on top/left instead of bottom/right", "jax_deform/_params.py",
+           "pads.append((total // 2, total - total // 2))",
+           "pads.append((total - total // 2, total // 2))",
+           (FORWARD, "-k", "cpu")),
+    Mutant("bf16 output truncated instead of rounded to nearest even", "lib/cpu_dtypes.h",
+           "  u += 0x7fffu + ((u >> 16) & 1u);\n", "",
+           (HALF, "-k", "cpu")),
+    Mutant("grad_mask loses its NaN for NaN offsets", "lib/cpu_kernels.cc",
+           "std::fill(val.begin(), val.end(), t.b.poison);",
+           "std::fill(val.begin(), val.end(), 0.f);",
+           (HOSTILE_BACKWARD, "-k", "cpu")),
+    Mutant("Flax mask = 1 + tanh(logits) instead of 2 * sigmoid(logits)", "jax_deform/nnx.py",
+           "mask = 2.0 * jax.nn.sigmoid(pred[..., n_off:])",
+           "mask = 1.0 + jnp.tanh(pred[..., n_off:])",
+           ("tests/test_nnx.py", "tests/test_linen.py", "-k", "sigmoid")),
+    # ---- kernels (CPU)
+    Mutant("d(weight)/dx of corner 2 uses the wrong fraction", "lib/deform_math.h",
+           "dx[2] = -b.ly * b.valid[2];", "dx[2] = -hy * b.valid[2];",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("right-edge corner dropped (x0 + 1 < w - 1)", "lib/deform_math.h",
+           "const bool x0_in = x0 >= 0, x1_in = x0 + 1 < w;",
+           "const bool x0_in = x0 >= 0, x1_in = x0 + 1 < w - 1;",
+           (FORWARD, "-k", "cpu")),
+    Mutant("grad_offset dx not multiplied by the mask", "lib/cpu_kernels.cc",
+           "grad_offset[oi + 1] = t.mask * sum_dx;", "grad_offset[oi + 1] = sum_dx;",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("grad_x not multiplied by the mask", "lib/cpu_kernels.cc",
+           "const float w = t.mask * t.wgt[i];", "const float w = t.wgt[i];",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("grad_weight skips the first image", "lib/cpu_kernels.cc",
+           "for (int64_t n = 0; n < s.n; ++n) sum += weight_partial",
+           "for (int64_t n = 1; n < s.n; ++n) sum += weight_partial",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("depth multiplier: column gradient reads weight j = 0 only", "lib/cpu_kernels.cc",
+           "sum += wk[(c0 + c) * m + j] * gy[(c0 + c) * m + j];",
+           "sum += wk[(c0 + c) * m] * gy[(c0 + c) * m + j];",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("forward: NaN sample position no longer poisons", "lib/cpu_kernels.cc",
+           "std::fill(val, val + count, t.b.poison);", "std::fill(val, val + count, 0.f);",
+           ("tests/test_hostile.py", "-k", "extreme_offsets and cpu")),
+    Mutant("float16 output truncated instead of rounded", "lib/cpu_dtypes.h",
+           "  r += 0xfffu + ((r >> 13) & 1u);\n", "",
+           (HALF, "-k", "cpu")),
+    # ---- Python side
+    Mutant("grad_bias summed over the first image only", "jax_deform/_autodiff.py",
+           "jnp.sum(grad_y.astype(jnp.float32), axis=(0, 1, 2))",
+           "jnp.sum(grad_y[:1].astype(jnp.float32), axis=(0, 1, 2))",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("vmap of grad: grad_mask's batch order reversed", "jax_deform/_batching.py",
+           "out.append(_unfold_last(grad_mask, size))",
+           "out.append(_unfold_last(grad_mask, size)[..., ::-1, :])",
+           ("tests/test_api.py::test_vmap_of_grad_every_axis_pattern", "-k", "cpu")),
+    Mutant("deterministic=None ignores the XLA flag", "jax_deform/api.py",
+           "deterministic = deterministic_by_default()", "deterministic = False",
+           ("tests/test_determinism.py", "-k", "flag")),
+    Mutant("NCHW result transposed to (N, C, W, H)", "jax_deform/_layout.py",
+           "jnp.transpose(y, (0, 3, 1, 2))", "jnp.transpose(y, (0, 3, 2, 1))",
+           (GRADIENTS, "-k", "cpu")),
+    Mutant("output width from the vertical dilation", "jax_deform/_params.py",
+           "wo = (w + pl + pr - dilation_[1] * (kw - 1) - 1) // stride_[1] + 1",
+           "wo = (w + pl + pr - dilation_[0] * (kw - 1) - 1) // stride_[1] + 1",
+           (GRADIENTS, "-k", "cpu")),
+    # ---- CUDA kernels: run only where a GPU is visible
+    Mutant("CUDA: lane reduction skips the first halving", "lib/cuda_kernels.cu",
+           "for (int d = lanes / 2; d > 0; d /= 2)", "for (int d = lanes / 4; d > 0; d /= 2)",
+           (GRADIENTS, "-k", "gpu"), cuda=True),
+    Mutant("CUDA: scalar atomic add drops the first element", "lib/cuda_kernels.cu",
+           "for (int i = 0; i < V; ++i) atomicAdd(p + i, v[i]);",
+           "for (int i = 1; i < V; ++i) atomicAdd(p + i, v[i]);",
+           (GRADIENTS, "-k", "gpu"), cuda=True),
+]
+
+
+def _has_gpu() -> bool:
+    try:
+        import jax
+
+        return len(jax.devices("gpu")) > 0
+    except Exception:  # noqa: BLE001  (no CUDA plugin, no device)
+        return False
+
+
+def _run(cmd, cwd, env=None, log=None):
+    result = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{result.stdout}\n")
+    return result
+
+
+class Workspace:
+    """One copy of the repository and one CMake build directory, reused by
+    every mutant; files are restored after each."""
+
+    def __init__(self, directory: str, cuda: bool):
+        self.dir = directory
+        self.src = os.path.join(directory, "src")
+        self.build = os.path.join(directory, "build")
+        self.log = os.path.join(directory, "log.txt")
+        self.cuda = cuda
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                               stdout=subprocess.PIPE).stdout.decode().split("\0")
+        for rel in filter(None, files):
+            src = os.path.join(ROOT, rel)
+            if os.path.isfile(src):
+                os.makedirs(os.path.dirname(os.path.join(self.src, rel)), exist_ok=True)
+                shutil.copy2(src, os.path.join(self.src, rel))
+        self.configured = False
+
+    def read(self, rel: str) -> str:
+        with open(os.path.join(self.src, rel)) as f:
+            return f.read()
+
+    def write(self, rel: str, text: str) -> None:
+        with open(os.path.join(self.src, rel), "w") as f:
+            f.write(text)
+
+    def build_extension(self) -> tuple[bool, str]:
+        if not self.configured:
+            r = _run(["cmake", "-S", self.src, "-B", self.build, "-G", "Ninja",
+                      f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
+                      f"-DJAX_DEFORM_CUDA={'ON' if self.cuda else 'OFF'}"],
+                     self.dir, log=self.log)
+            if r.returncode:
+                return False, r.stdout[-2000:]
+            self.configured = True
+        r = _run(["cmake", "--build", self.build, "-j", str(os.cpu_count() or 2)], self.dir,
+                 log=self.log)
+        if r.returncode:
+            return False, r.stdout[-2000:]
+        for name in os.listdir(self.build):
+            if name.startswith("_jax_deform") and name.endswith(sysconfig.get_config_var(
+                    "EXT_SUFFIX")):
+                shutil.copy2(os.path.join(self.build, name),
+                             os.path.join(self.src, "jax_deform", name))
+                return True, ""
+        return False, "no extension module in the build directory"
+
+    def pytest(self, args) -> subprocess.CompletedProcess:
+        # -S: no .pth files, so an editable install of the checkout (an import
+        # hook) cannot shadow the copy; site-packages are added back as plain paths.
+        paths = [self.src] + site.getsitepackages()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        return _run([sys.executable, "-S", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                     *args], self.src, env=env, log=self.log)
+
+
+def _first_failure(output: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)
+    if m:
+        return m.group(1)
+    m = re.search(r"^E\s+(.*)$", output, re.M)
+    return m.group(1)[:80] if m else "(see log)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("words", nargs="*", help="run only mutants whose name contains one")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS
+               if not args.words or any(w.lower() in m.name.lower() for w in args.words)]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:70s} {m.path:25s} {' '.join(m.tests)}")
+        return 0
+
+    gpu = _has_gpu()
+    directory = tempfile.mkdtemp(prefix="jax_deform_mutants_")
+    ws = Workspace(directory, cuda=gpu)
+    print(f"copy and build in {directory} (log: {ws.log}); GPU: {'yes' if gpu else 'no'}",
+          flush=True)
+    results = []  # (mutant, status, detail, seconds)
+    try:
+        # The list must match the code: every search string exactly once.
+        runnable = []
+        for m in mutants:
+            count = ws.read(m.path).count(m.old)
+            if count != 1:
+                results.append((m, "ERROR", f"search string found {count} times in {m.path}", 0))
+            elif m.cuda and not gpu:
+                results.append((m, "NOT RUN", "needs a CUDA device (search string checked)", 0))
+            else:
+                runnable.append(m)
+        ok, why = ws.build_extension()
+        if not ok:
+            print(f"the unmutated copy does not build:\n{why}")
+            return 2
+        # Unmutated, every selection must pass, or a "kill" would mean nothing.
+        for sel in sorted({m.tests for m in runnable}):
+            r = ws.pytest(sel)
+            if r.returncode:
+                print(f"the unmutated copy fails {' '.join(sel)}:\n{r.stdout[-3000:]}")
+                return 2
+        print(f"baseline passes; {len(runnable)} mutants to run", flush=True)
+        # Python mutants first: they need no rebuild.
+        for m in sorted(runnable, key=lambda m: m.compiled):
+            start = time.time()
+            original = ws.read(m.path)
+            ws.write(m.path, original.replace(m.old, m.new))
+            try:
+                built, why = ws.build_extension() if m.compiled else (True, "")
+                if not built:
+                    status, detail = "ERROR", "does not compile: " + why.splitlines()[-1]
+                else:
+                    r = ws.pytest(m.tests)
+                    if r.returncode == 0:
+                        status, detail = "SURVIVED", "all selected tests pass"
+                    elif r.returncode in (1, 2):  # tests failed / collection broke
+                        status, detail = "KILLED", _first_failure(r.stdout)
+                    else:
+                        status, detail = "ERROR", f"pytest exit {r.returncode}"
+            finally:
+                ws.write(m.path, original)
+            results.append((m, status, detail, time.time() - start))
+            print(f"{status:8s} {m.name} ({m.path}): {detail} [{time.time() - start:.0f} s]",
+                  flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    print("\n| mutant | where | result | first failing test |\n|---|---|---|---|")
+    for m, status, detail, _ in sorted(results, key=lambda r: MUTANTS.index(r[0])):
+        print(f"| {m.name} | {m.path} | {status} | {detail} |")
+    bad = [r for r in results if r[1] in ("SURVIVED", "ERROR")]
+    print(f"\n{sum(r[1] == 'KILLED' for r in results)} killed, "
+          f"{sum(r[1] == 'SURVIVED' for r in results)} survived, "
+          f"{sum(r[1] == 'ERROR' for r in results)} errors, "
+          f"{sum(r[1] == 'NOT RUN' for r in results)} not run")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
