@@ -132,13 +132,20 @@ MUTANTS = [
            "wo = (w + pl + pr - dilation_[0] * (kw - 1) - 1) // stride_[1] + 1",
            (GRADIENTS, "-k", "cpu")),
     # ---- CUDA kernels: run only where a GPU is visible
-    Mutant("CUDA: lane reduction skips the first halving", "lib/cuda_kernels.cu",
+    Mutant("CUDA: lane reduction skips the first halving", "lib/cuda_backward.cu",
            "for (int d = lanes / 2; d > 0; d /= 2)", "for (int d = lanes / 4; d > 0; d /= 2)",
-           (GRADIENTS, "-k", "gpu"), cuda=True),
-    Mutant("CUDA: scalar atomic add drops the first element", "lib/cuda_kernels.cu",
+           ("tests/test_api.py", "tests/test_determinism.py", "-m", "gpu"), cuda=True),
+    Mutant("CUDA: scalar atomic add drops the first element", "lib/cuda_common.cuh",
            "for (int i = 0; i < V; ++i) atomicAdd(p + i, v[i]);",
            "for (int i = 1; i < V; ++i) atomicAdd(p + i, v[i]);",
-           (GRADIENTS, "-k", "gpu"), cuda=True),
+           ("tests/test_api.py", "tests/test_determinism.py", "-m", "gpu"), cuda=True),
+    Mutant("CUDA: gather drops the corner weight", "lib/cuda_grad_x_gather.cu",
+           "acc[r][v] += scale * (gv[v] * wv[v]);", "acc[r][v] += gv[v] * wv[v];",
+           ("tests/test_api.py", "tests/test_determinism.py", "-m", "gpu"), cuda=True),
+    Mutant("CUDA: grad_weight tile sum skips the last row", "lib/cuda_backward.cu",
+           "for (int r = 0; r < kSumRows; ++r) total += rows[r][threadIdx.x];",
+           "for (int r = 0; r < kSumRows - 1; ++r) total += rows[r][threadIdx.x];",
+           ("tests/test_api.py", "tests/test_determinism.py", "-m", "gpu"), cuda=True),
 ]
 
 
