@@ -395,11 +395,18 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   const int max_r = tune.backward_vectors > 0 ? tune.backward_vectors
                     : sizeof(T) == 4             ? (UseGather(s, deterministic) ? 4 : 2)
                                                  : 1;
-  const int r = std::min(max_r, vectors <= p.lanes ? 1 : vectors <= 2 * p.lanes ? 2 : 4);
+  int r = std::min(max_r, vectors <= p.lanes ? 1 : vectors <= 2 * p.lanes ? 2 : 4);
   const bool vector_kernel = p.vec == kVec && tune.backward_kernel != 1;
+  const size_t geometry_bytes =
+      p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float)));
+  // Fewer vectors a thread where their grad_weight sums would take the block
+  // past the default 48 KB of shared memory (large kernels: the tap geometry
+  // fills most of it).
+  while (vector_kernel && r > 1 && geometry_bytes + p.threads * r * p.vec * sizeof(float) > 48 * 1024) {
+    r /= 2;
+  }
   const int per_thread = vector_kernel ? r * p.vec : p.vec * mb;
-  const size_t smem = p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))) +
-                      p.threads * per_thread * sizeof(float);
+  const size_t smem = geometry_bytes + p.threads * per_thread * sizeof(float);
   const bool gather = UseGather(s, deterministic);
   auto* partial = static_cast<float*>(scratch);
   cudaError_t err;

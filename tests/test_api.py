@@ -158,6 +158,13 @@ GRAD_CASES = [
     dict(kernel=(3, 5), stride=2, padding=((1, 2), (0, 3)), c=6, groups=2, multiplier=2),
     dict(c=4, groups=4, dilation=2, padding=2, with_mask=False),
     dict(kernel=(1, 1), padding=0, with_bias=False),
+    # The CUDA backward's paths by channel count: sorted-gather grad_x with 4
+    # vectors a thread (C >= 256), atomics with 2 (C = 96) or 1 (C = 64), and a
+    # 7x7 kernel whose tap geometry fills most of the block's shared memory.
+    dict(n=1, h=6, w=5, c=512),
+    dict(n=1, h=9, w=9, c=384, kernel=(7, 7), padding=3),
+    dict(n=1, h=8, w=8, c=96, kernel=(7, 7), padding=3),
+    dict(c=64, stride=2),
 ]
 
 
