@@ -237,8 +237,11 @@ def run(mesh, args):
     for op, entry in sorted(found.items()):
         print(f"  {op:20s} x{entry['count']:<3d} {entry['bytes']} bytes")
     total = sum(e["bytes"] for e in found.values())
-    print(f"cross-device bytes per step: {total} (parameters {params_size} + "
-          f"{total - params_size} other)")
+    if mesh.size == 1:
+        print(f"cross-device bytes per step: {total} (one device)")
+    else:
+        print(f"cross-device bytes per step: {total} (parameters {params_size} + "
+              f"{total - params_size} other)")
     only_gradients = set(found) <= {"all-reduce"} and total - params_size <= 64
     print("only the gradient all-reduce crosses devices:", "yes" if only_gradients or
           mesh.size == 1 else "NO")
