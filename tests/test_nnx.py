@@ -2,6 +2,7 @@
 checkpoints, dtypes, jit, caller offsets, partitioning, errors, the example."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -441,3 +442,17 @@ def test_example_quick_run(tmp_path):
     assert "depthwise: test acc" in proc.stdout and "deformable: test acc" in proc.stdout
     png = out / "sampling_points.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convnext_step_example_tiny_run():
+    pytest.importorskip("optax")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "convnext_step.py"), "--device", "cpu",
+         "--tiny", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    times = re.findall(r"(plain|deformable):\s+([0-9.]+) ms/step", proc.stdout)
+    assert [name for name, _ in times] == ["plain", "deformable"]
+    assert all(float(ms) > 0 for _, ms in times)
+    assert "deformable / plain step time:" in proc.stdout
