@@ -18,7 +18,7 @@ from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import mlir
 
 from jax_deform import _sharding
-from jax_deform._params import ConvParams, layout_of
+from jax_deform._params import ConvParams, accum_dtype, layout_of
 from jax_deform.reference import deform_conv2d_nhwc as _reference_nhwc
 
 try:
@@ -26,8 +26,13 @@ try:
 except ImportError:  # not built: every call takes the pure-jnp path
     _extension = None
 
-FORWARD_TARGET = "jax_deform_forward"
-BACKWARD_TARGET = "jax_deform_backward"
+# Versioned FFI target names: what a lowered (and exported) program calls.
+# README "Saving and exporting" states the compatibility promise; a change of
+# operands, results, attributes or meaning gets a new version, and the old
+# name stays registered.
+FORWARD_TARGET = "jax_deform_forward_v1"
+BACKWARD_TARGET = "jax_deform_backward_v1"
+TARGETS = (FORWARD_TARGET, BACKWARD_TARGET)
 
 
 def _register_targets() -> frozenset[str]:
@@ -99,12 +104,13 @@ backward_p.def_impl(_impl(backward_p))
 def _backward_abstract_eval(x, offset, mask, weight, grad_y, *, params, deterministic,
                             partials):
     """grad_x, then grad_offset, grad_mask and grad_weight as partial sums along
-    a leading axis (see _sharding.Partials)."""
+    a leading axis (see _sharding.Partials); float32, or float64 for float64
+    operands."""
     del params, deterministic
     operands = (x, offset, mask, weight, grad_y)
     shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
     shardings = _sharding.backward_output_shardings(x, offset, mask, weight, partials)
-    return tuple(_result_like(operands, shape, jnp.float32, s)
+    return tuple(_result_like(operands, shape, accum_dtype(x.dtype), s)
                  for shape, s in zip(shapes, shardings))
 
 
@@ -117,7 +123,8 @@ def _backward_lowering(ctx, x, offset, mask, weight, grad_y, *, params, determin
     with bare reshape/pad ops. They carry no sharding annotation, so this is also
     what runs in the per-shard program of the partitioned call."""
     del partials  # in ctx.avals_out
-    whole = [jax.core.ShapedArray(a.shape, jnp.float32) for a in ctx.avals_in[:4]]
+    grad_dtype = accum_dtype(ctx.avals_in[0].dtype)
+    whole = [jax.core.ShapedArray(a.shape, grad_dtype) for a in ctx.avals_in[:4]]
     results = jax.ffi.ffi_lowering(BACKWARD_TARGET)(
         ctx.replace(avals_out=[*whole, *workspace]), x, offset, mask, weight, grad_y,
         deterministic=bool(deterministic), **params.ffi_attrs()
@@ -152,7 +159,7 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
                                params, layout)
 
     _, vjp = jax.vjp(f, x, offset, mask, weight)
-    grads = [g.astype(jnp.float32) for g in vjp(grad_y)]
+    grads = [g.astype(accum_dtype(x.dtype)) for g in vjp(grad_y)]
     shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
     return [g if g.ndim == len(shape) else
             jnp.pad(g[None], [(0, shape[0] - 1)] + [(0, 0)] * g.ndim)
