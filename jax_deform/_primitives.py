@@ -140,7 +140,14 @@ def _as_partials(ctx, value, aval_out):
         return value
     count, shape = aval_out.shape[0], aval_out.shape[1:]
     one = jax.core.ShapedArray((1, *shape), aval_out.dtype)
-    value = hlo.reshape(mlir.aval_to_ir_type(ctx.module_context, one), value)
+    one_type = mlir.aval_to_ir_type(ctx.module_context, one)
+    if all(isinstance(d, (int, np.integer)) for d in shape):
+        value = hlo.reshape(one_type, value)
+    else:  # symbolic dimensions (jax.export with shape polymorphism)
+        i32_1d = ir.RankedTensorType.get((1,), ir.IntegerType.get_signless(32))
+        dims = [mlir.ir_constant(np.array([1], np.int32))] + [
+            hlo.reshape(i32_1d, hlo.get_dimension_size(value, i)) for i in range(rank)]
+        value = hlo.dynamic_reshape(one_type, value, hlo.concatenate(dims, 0))
     if count == 1:
         return value
     zero = mlir.ir_constant(np.zeros((), aval_out.dtype))
