@@ -194,15 +194,31 @@ def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, det
     sums; the deterministic path's contribution buckets). XLA allocates it as an
     extra result of the custom call, which is dropped here."""
     layout = layout_of(*(ctx.avals_in[i] for i in (0, 1, 3)))
-    nbytes = _extension.cuda_backward_workspace_bytes(
-        layout.n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
-        layout.groups, layout.multiplier, jnp.dtype(ctx.avals_in[0].dtype).name,
-        bool(deterministic),
-    )
-    workspace = jax.core.ShapedArray((max(int(nbytes), 1),), jnp.uint8)
+    dtype = jnp.dtype(ctx.avals_in[0].dtype).name
+
+    def nbytes(n):
+        return int(_extension.cuda_backward_workspace_bytes(
+            n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
+            layout.groups, layout.multiplier, dtype, bool(deterministic)))
+
+    workspace = jax.core.ShapedArray((workspace_size(nbytes, layout.n),), jnp.uint8)
     return _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,
                               deterministic=deterministic, partials=partials,
                               workspace=(workspace,))
+
+
+def workspace_size(nbytes, n):
+    """Workspace bytes for batch n: nbytes(n) when n is a number. For a symbolic
+    batch (jax.export with shape polymorphism), a bound linear in n, from the
+    sizes at concrete batches: every part of the workspace grows linearly with
+    the batch (the sort's temporary storage too, up to its fixed part), plus
+    1 MiB of slack. The kernel checks the size it is given and fails with an
+    error, never out of bounds, if it is too small."""
+    if isinstance(n, (int, np.integer)):
+        return max(nbytes(int(n)), 1)
+    at = {k: nbytes(k) for k in (1, 64, 128)}
+    slope = max(-(-(at[128] - at[64]) // 64), -(-at[64] // 64), 1)  # ceil
+    return slope * n + (at[1] + (1 << 20))
 
 
 for _platform in KERNEL_PLATFORMS:
