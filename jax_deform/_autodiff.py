@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_deform import _batching, _sharding
-from jax_deform._params import ConvParams
+from jax_deform._params import ConvParams, accum_dtype
 from jax_deform._primitives import backward_p, empty_like_absent, forward_p, varying_axes
 
 # The kernels as XLA sees them: split over a mesh by the rules in _sharding,
@@ -65,7 +65,7 @@ def _backward(params, deterministic, residuals, grad_y):
     )
     grad_bias = None
     if bias is not None:
-        grad_bias = jnp.sum(grad_y.astype(jnp.float32), axis=(0, 1, 2)).astype(bias.dtype)
+        grad_bias = jnp.sum(grad_y.astype(accum_dtype(x.dtype)), axis=(0, 1, 2)).astype(bias.dtype)
     return (
         grad_x.astype(x.dtype),
         grad_offset.astype(offset.dtype),

@@ -16,9 +16,15 @@ import numpy as np
 IntPair = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
 
-KERNEL_DTYPES = ("float32", "bfloat16", "float16")
-FLOAT_DTYPES = KERNEL_DTYPES + ("float64",)
+KERNEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+FLOAT_DTYPES = KERNEL_DTYPES
 IMPLEMENTATIONS = (None, "auto", "ffi", "xla")
+
+
+def accum_dtype(dtype) -> np.dtype:
+    """What the kernels compute in, and the dtype of their gradients: float64
+    for float64 operands, float32 for float32 and the 16-bit dtypes."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import mlir
 
 from jax_deform import _sharding
-from jax_deform._params import ConvParams, layout_of
+from jax_deform._params import ConvParams, accum_dtype, layout_of
 from jax_deform.reference import deform_conv2d_nhwc as _reference_nhwc
 
 try:
@@ -26,8 +26,13 @@ try:
 except ImportError:  # not built: every call takes the pure-jnp path
     _extension = None
 
-FORWARD_TARGET = "jax_deform_forward"
-BACKWARD_TARGET = "jax_deform_backward"
+# Versioned FFI target names: what a lowered (and exported) program calls.
+# README "Saving and exporting" states the compatibility promise; a change of
+# operands, results, attributes or meaning gets a new version, and the old
+# name stays registered.
+FORWARD_TARGET = "jax_deform_forward_v1"
+BACKWARD_TARGET = "jax_deform_backward_v1"
+TARGETS = (FORWARD_TARGET, BACKWARD_TARGET)
 
 
 def _register_targets() -> frozenset[str]:
@@ -99,12 +104,13 @@ backward_p.def_impl(_impl(backward_p))
 def _backward_abstract_eval(x, offset, mask, weight, grad_y, *, params, deterministic,
                             partials):
     """grad_x, then grad_offset, grad_mask and grad_weight as partial sums along
-    a leading axis (see _sharding.Partials)."""
+    a leading axis (see _sharding.Partials); float32, or float64 for float64
+    operands."""
     del params, deterministic
     operands = (x, offset, mask, weight, grad_y)
     shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
     shardings = _sharding.backward_output_shardings(x, offset, mask, weight, partials)
-    return tuple(_result_like(operands, shape, jnp.float32, s)
+    return tuple(_result_like(operands, shape, accum_dtype(x.dtype), s)
                  for shape, s in zip(shapes, shardings))
 
 
@@ -117,7 +123,8 @@ def _backward_lowering(ctx, x, offset, mask, weight, grad_y, *, params, determin
     with bare reshape/pad ops. They carry no sharding annotation, so this is also
     what runs in the per-shard program of the partitioned call."""
     del partials  # in ctx.avals_out
-    whole = [jax.core.ShapedArray(a.shape, jnp.float32) for a in ctx.avals_in[:4]]
+    grad_dtype = accum_dtype(ctx.avals_in[0].dtype)
+    whole = [jax.core.ShapedArray(a.shape, grad_dtype) for a in ctx.avals_in[:4]]
     results = jax.ffi.ffi_lowering(BACKWARD_TARGET)(
         ctx.replace(avals_out=[*whole, *workspace]), x, offset, mask, weight, grad_y,
         deterministic=bool(deterministic), **params.ffi_attrs()
@@ -133,7 +140,14 @@ def _as_partials(ctx, value, aval_out):
         return value
     count, shape = aval_out.shape[0], aval_out.shape[1:]
     one = jax.core.ShapedArray((1, *shape), aval_out.dtype)
-    value = hlo.reshape(mlir.aval_to_ir_type(ctx.module_context, one), value)
+    one_type = mlir.aval_to_ir_type(ctx.module_context, one)
+    if all(isinstance(d, (int, np.integer)) for d in shape):
+        value = hlo.reshape(one_type, value)
+    else:  # symbolic dimensions (jax.export with shape polymorphism)
+        i32_1d = ir.RankedTensorType.get((1,), ir.IntegerType.get_signless(32))
+        dims = [mlir.ir_constant(np.array([1], np.int32))] + [
+            hlo.reshape(i32_1d, hlo.get_dimension_size(value, i)) for i in range(rank)]
+        value = hlo.dynamic_reshape(one_type, value, hlo.concatenate(dims, 0))
     if count == 1:
         return value
     zero = mlir.ir_constant(np.zeros((), aval_out.dtype))
@@ -152,7 +166,7 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
                                params, layout)
 
     _, vjp = jax.vjp(f, x, offset, mask, weight)
-    grads = [g.astype(jnp.float32) for g in vjp(grad_y)]
+    grads = [g.astype(accum_dtype(x.dtype)) for g in vjp(grad_y)]
     shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
     return [g if g.ndim == len(shape) else
             jnp.pad(g[None], [(0, shape[0] - 1)] + [(0, 0)] * g.ndim)
@@ -180,15 +194,31 @@ def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, det
     sums; the deterministic path's contribution buckets). XLA allocates it as an
     extra result of the custom call, which is dropped here."""
     layout = layout_of(*(ctx.avals_in[i] for i in (0, 1, 3)))
-    nbytes = _extension.cuda_backward_workspace_bytes(
-        layout.n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
-        layout.groups, layout.multiplier, jnp.dtype(ctx.avals_in[0].dtype).name,
-        bool(deterministic),
-    )
-    workspace = jax.core.ShapedArray((max(int(nbytes), 1),), jnp.uint8)
+    dtype = jnp.dtype(ctx.avals_in[0].dtype).name
+
+    def nbytes(n):
+        return int(_extension.cuda_backward_workspace_bytes(
+            n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
+            layout.groups, layout.multiplier, dtype, bool(deterministic)))
+
+    workspace = jax.core.ShapedArray((workspace_size(nbytes, layout.n),), jnp.uint8)
     return _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,
                               deterministic=deterministic, partials=partials,
                               workspace=(workspace,))
+
+
+def workspace_size(nbytes, n):
+    """Workspace bytes for batch n: nbytes(n) when n is a number. For a symbolic
+    batch (jax.export with shape polymorphism), a bound linear in n, from the
+    sizes at concrete batches: every part of the workspace grows linearly with
+    the batch (the sort's temporary storage too, up to its fixed part), plus
+    1 MiB of slack. The kernel checks the size it is given and fails with an
+    error, never out of bounds, if it is too small."""
+    if isinstance(n, (int, np.integer)):
+        return max(nbytes(int(n)), 1)
+    at = {k: nbytes(k) for k in (1, 64, 128)}
+    slope = max(-(-(at[128] - at[64]) // 64), -(-at[64] // 64), 1)  # ceil
+    return slope * n + (at[1] + (1 << 20))
 
 
 for _platform in KERNEL_PLATFORMS:

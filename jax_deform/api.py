@@ -21,12 +21,28 @@ from jax_deform._params import (
     check_deterministic,
     check_implementation,
 )
-from jax_deform._primitives import KERNEL_PLATFORMS
+from jax_deform._primitives import KERNEL_PLATFORMS, TARGETS
 
 
 def kernel_platforms() -> frozenset[str]:
     """Platforms ("cpu", "cuda") for which compiled kernels are registered."""
     return KERNEL_PLATFORMS
+
+
+def disabled_checks() -> list:
+    """What to pass as ``jax.export.export(..., disabled_checks=...)`` to export a
+    function that calls `deform_conv2d`.
+
+    jax.export refuses custom calls that are not on jax's own list of stable
+    targets; this op's kernels are custom calls with versioned names
+    (``jax_deform_forward_v1``, ``jax_deform_backward_v1``) that this package
+    promises to keep loading (README, "Saving and exporting"). The returned
+    list disables the check for exactly those targets. A program that runs the
+    exported function must ``import jax_deform`` first, which registers them.
+    """
+    from jax import export
+
+    return [export.DisabledSafetyCheck.custom_call(target) for target in TARGETS]
 
 
 def deterministic_by_default() -> bool:

@@ -21,14 +21,23 @@ nb::capsule Capsule(Fn* fn) {
 }  // namespace
 
 NB_MODULE(_jax_deform, m) {
+  // Target names carry the version of their calling convention (operands,
+  // results, attributes, semantics); README "Saving and exporting" states what
+  // is promised. A changed convention gets a new name, and the handlers of the
+  // old names stay registered. The unversioned names are what 0.1.0 lowered
+  // to; they are aliases of _v1, kept so that its programs still run.
   m.def("registrations", []() {
     nb::dict cpu;
+    cpu["jax_deform_forward_v1"] = Capsule(JaxDeformForwardCpu);
+    cpu["jax_deform_backward_v1"] = Capsule(JaxDeformBackwardCpu);
     cpu["jax_deform_forward"] = Capsule(JaxDeformForwardCpu);
     cpu["jax_deform_backward"] = Capsule(JaxDeformBackwardCpu);
     nb::dict out;
     out["cpu"] = cpu;
 #ifdef JAX_DEFORM_WITH_CUDA
     nb::dict cuda;
+    cuda["jax_deform_forward_v1"] = Capsule(JaxDeformForwardCuda);
+    cuda["jax_deform_backward_v1"] = Capsule(JaxDeformBackwardCuda);
     cuda["jax_deform_forward"] = Capsule(JaxDeformForwardCuda);
     cuda["jax_deform_backward"] = Capsule(JaxDeformBackwardCuda);
     out["CUDA"] = cuda;
@@ -47,6 +56,7 @@ NB_MODULE(_jax_deform, m) {
         s.multiplier = multiplier;
         const auto t = dtype == "float32"    ? jax_deform::Dtype::kF32
                        : dtype == "bfloat16" ? jax_deform::Dtype::kBF16
+                       : dtype == "float64"  ? jax_deform::Dtype::kF64
                                              : jax_deform::Dtype::kF16;
         return jax_deform::BackwardScratchBytes(s, t, deterministic);
       },

@@ -1,5 +1,6 @@
 // 16-bit float storage types for the CPU kernels, converted to and from
-// float32 (the kernels accumulate in float32). Bit-exact round-to-nearest-even.
+// float32 (the kernels accumulate in float32; float64 in float64).
+// Bit-exact round-to-nearest-even.
 #ifndef JAX_DEFORM_CPU_DTYPES_H_
 #define JAX_DEFORM_CPU_DTYPES_H_
 
@@ -71,6 +72,37 @@ inline Float16 FromFloat<Float16>(float f) {
   uint32_t r = abs - 0x38000000u;  // rebias exponent 127 -> 15
   r += 0xfffu + ((r >> 13) & 1u);
   return Float16{uint16_t(sign | (r >> 13))};
+}
+
+// The type a kernel computes and accumulates in for storage type T, and the
+// type of the gradients it returns: double for double, float for the rest.
+template <typename T>
+struct AccumFor {
+  using type = float;
+};
+template <>
+struct AccumFor<double> {
+  using type = double;
+};
+template <typename T>
+using Accum = typename AccumFor<T>::type;
+
+template <typename T>
+inline Accum<T> ToAccum(T v) {
+  return ToFloat(v);
+}
+template <>
+inline double ToAccum<double>(double v) {
+  return v;
+}
+
+template <typename T>
+inline T FromAccum(Accum<T> v) {
+  return FromFloat<T>(v);
+}
+template <>
+inline double FromAccum<double>(double v) {
+  return v;
 }
 
 }  // namespace jax_deform

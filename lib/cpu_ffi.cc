@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <memory>
 #include <mutex>
 
@@ -63,11 +64,13 @@ void RunForward(const ConvShape& s, ffi::AnyBuffer x, ffi::AnyBuffer offset,
 template <typename T>
 void RunBackward(const ConvShape& s, ffi::AnyBuffer x, ffi::AnyBuffer offset,
                  ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer grad_y,
-                 float* gx, float* goffset, float* gmask, float* gweight,
+                 void* gx, void* goffset, void* gmask, void* gweight,
                  const ParallelFor& parallel) {
+  using G = Accum<T>;
   BackwardCpu<T>(s, DataOrNull<T>(x), DataOrNull<T>(offset), DataOrNull<T>(mask),
-                 DataOrNull<T>(weight), DataOrNull<T>(grad_y), gx, goffset, gmask,
-                 gweight, parallel);
+                 DataOrNull<T>(weight), DataOrNull<T>(grad_y), static_cast<G*>(gx),
+                 static_cast<G*>(goffset), static_cast<G*>(gmask), static_cast<G*>(gweight),
+                 parallel);
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
@@ -90,6 +93,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer of
     case ffi::DataType::F16:
       RunForward<Float16>(s, x, offset, mask, weight, bias, y, parallel);
       break;
+    case ffi::DataType::F64:
+      RunForward<double>(s, x, offset, mask, weight, bias, y, parallel);
+      break;
     default:
       return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
   }
@@ -98,23 +104,27 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer of
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
                         ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer grad_y,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_x,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_offset,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_mask,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_weight, int64_t stride_h,
+                        ffi::Result<ffi::AnyBuffer> grad_x,
+                        ffi::Result<ffi::AnyBuffer> grad_offset,
+                        ffi::Result<ffi::AnyBuffer> grad_mask,
+                        ffi::Result<ffi::AnyBuffer> grad_weight, int64_t stride_h,
                         int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                         int64_t dil_w, bool /*deterministic: the CPU path always is*/) {
   ConvShape s;
   ffi::Error err = MakeConvShape(x, offset, mask, weight,
                                  {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
   if (err.failure()) return err;
-  float* gx = grad_x->typed_data();
-  float* goffset = grad_offset->typed_data();
-  float* gmask = s.has_mask ? grad_mask->typed_data() : nullptr;
-  float* gweight = grad_weight->typed_data();
+  err = CheckGradTypes(x.element_type(), {grad_x->element_type(), grad_offset->element_type(),
+                                          grad_mask->element_type(),
+                                          grad_weight->element_type()});
+  if (err.failure()) return err;
+  void* gx = grad_x->untyped_data();
+  void* goffset = grad_offset->untyped_data();
+  void* gmask = s.has_mask ? grad_mask->untyped_data() : nullptr;
+  void* gweight = grad_weight->untyped_data();
   if (s.n * s.ho * s.wo == 0) {
-    std::fill(gx, gx + grad_x->element_count(), 0.f);
-    std::fill(gweight, gweight + grad_weight->element_count(), 0.f);
+    std::memset(gx, 0, grad_x->size_bytes());  // all-zero bits: 0.0 in float32 and float64
+    std::memset(gweight, 0, grad_weight->size_bytes());
     return ffi::Error::Success();
   }
   const ParallelFor parallel = PoolParallelFor(pool);
@@ -130,6 +140,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer o
     case ffi::DataType::F16:
       RunBackward<Float16>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask,
                            gweight, parallel);
+      break;
+    case ffi::DataType::F64:
+      RunBackward<double>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask, gweight,
+                          parallel);
       break;
     default:
       return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");

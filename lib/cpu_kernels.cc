@@ -13,57 +13,60 @@ namespace {
 constexpr int64_t kChannelBlock = 64;
 
 template <typename T>
-std::vector<float> ToFloatVector(const T* data, int64_t count) {
-  std::vector<float> out(count);
-  for (int64_t i = 0; i < count; ++i) out[i] = ToFloat(data[i]);
+std::vector<Accum<T>> ToAccumVector(const T* data, int64_t count) {
+  std::vector<Accum<T>> out(count);
+  for (int64_t i = 0; i < count; ++i) out[i] = ToAccum(data[i]);
   return out;
 }
 
 // One tap of one output pixel for one offset group: where it samples and with
-// which corner weights (mask not applied).
+// which corner weights (mask not applied), in arithmetic type A.
+template <typename A>
 struct Tap {
-  Bilinear b;
-  float wgt[4];
-  float mask;
+  BilinearOf<A> b;
+  A wgt[4];
+  A mask;
 };
 
 template <typename T>
-Tap MakeTap(const ConvShape& s, const T* offset, const T* mask, int64_t pixel,
-            int64_t oy, int64_t ox, int64_t g, int64_t k) {
+Tap<Accum<T>> MakeTap(const ConvShape& s, const T* offset, const T* mask, int64_t pixel,
+                      int64_t oy, int64_t ox, int64_t g, int64_t k) {
+  using A = Accum<T>;
   const int64_t oi = OffsetIndex(s, pixel, g, k);
-  float py, px;
-  SamplePosition(s, oy, ox, k / s.kw, k % s.kw, ToFloat(offset[oi]),
-                 ToFloat(offset[oi + 1]), &py, &px);
-  Tap t;
+  A py, px;
+  SamplePosition(s, oy, ox, k / s.kw, k % s.kw, ToAccum(offset[oi]),
+                 ToAccum(offset[oi + 1]), &py, &px);
+  Tap<A> t;
   t.b = MakeBilinear(py, px, s.h, s.w);
   CornerWeights(t.b, t.wgt);
-  t.mask = mask ? ToFloat(mask[MaskIndex(s, pixel, g, k)]) : 1.f;
+  t.mask = mask ? ToAccum(mask[MaskIndex(s, pixel, g, k)]) : A(1);
   return t;
 }
 
 // val[c] = interpolated x at the tap for channels [c0, c0 + count) of image xn.
-template <typename T>
-void Interpolate(const ConvShape& s, const Tap& t, const T* xn, int64_t c0,
-                 int64_t count, float* val) {
+template <typename T, typename A>
+void Interpolate(const ConvShape& s, const Tap<A>& t, const T* xn, int64_t c0,
+                 int64_t count, A* val) {
   std::fill(val, val + count, t.b.poison);
   for (int i = 0; i < 4; ++i) {
-    if (t.b.valid[i] == 0.f) continue;
+    if (t.b.valid[i] == A(0)) continue;
     const T* xp = xn + t.b.corner[i] * s.c + c0;
-    const float w = t.wgt[i];
-    for (int64_t c = 0; c < count; ++c) val[c] += w * ToFloat(xp[c]);
+    const A w = t.wgt[i];
+    for (int64_t c = 0; c < count; ++c) val[c] += w * ToAccum(xp[c]);
   }
 }
 
 // gcol[c] = sum_j weight[k, c*M + j] * grad_y[c*M + j] for channels [c0, c0 + count).
-void ColumnGrad(const ConvShape& s, const float* wk, const float* gy, int64_t c0,
-                int64_t count, float* gcol) {
+template <typename A>
+void ColumnGrad(const ConvShape& s, const A* wk, const A* gy, int64_t c0,
+                int64_t count, A* gcol) {
   const int64_t m = s.multiplier;
   if (m == 1) {
     for (int64_t c = 0; c < count; ++c) gcol[c] = wk[c0 + c] * gy[c0 + c];
     return;
   }
   for (int64_t c = 0; c < count; ++c) {
-    float sum = 0.f;
+    A sum = A(0);
     for (int64_t j = 0; j < m; ++j) sum += wk[(c0 + c) * m + j] * gy[(c0 + c) * m + j];
     gcol[c] = sum;
   }
@@ -74,74 +77,76 @@ void ColumnGrad(const ConvShape& s, const float* wk, const float* gy, int64_t c0
 template <typename T>
 void ForwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
                 const T* weight, const T* bias, T* y, const ParallelFor& parallel) {
+  using A = Accum<T>;
   const int64_t taps = s.taps(), cg = s.channels_per_group(), m = s.multiplier;
   const int64_t cm = s.out_channels();
-  const std::vector<float> wf = ToFloatVector(weight, taps * cm);
-  const std::vector<float> bf =
-      bias ? ToFloatVector(bias, cm) : std::vector<float>(cm, 0.f);
+  const std::vector<A> wf = ToAccumVector(weight, taps * cm);
+  const std::vector<A> bf =
+      bias ? ToAccumVector(bias, cm) : std::vector<A>(cm, A(0));
   parallel(s.n * s.ho, [&](int64_t row) {
     const int64_t n = row / s.ho, oy = row % s.ho;
     const T* xn = x + n * s.h * s.w * s.c;
-    std::vector<float> acc(cm), val(cg);
+    std::vector<A> acc(cm), val(cg);
     for (int64_t ox = 0; ox < s.wo; ++ox) {
       const int64_t pixel = row * s.wo + ox;
       std::copy(bf.begin(), bf.end(), acc.begin());
       for (int64_t g = 0; g < s.groups; ++g) {
         for (int64_t k = 0; k < taps; ++k) {
-          const Tap t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
+          const Tap<A> t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
           Interpolate(s, t, xn, g * cg, cg, val.data());
-          const float* wk = &wf[k * cm + g * cg * m];
-          float* a = &acc[g * cg * m];
+          const A* wk = &wf[k * cm + g * cg * m];
+          A* a = &acc[g * cg * m];
           for (int64_t c = 0; c < cg; ++c) {
-            const float v = t.mask * val[c];
+            const A v = t.mask * val[c];
             for (int64_t j = 0; j < m; ++j) a[c * m + j] += v * wk[c * m + j];
           }
         }
       }
       T* yp = y + pixel * cm;
-      for (int64_t o = 0; o < cm; ++o) yp[o] = FromFloat<T>(acc[o]);
+      for (int64_t o = 0; o < cm; ++o) yp[o] = FromAccum<T>(acc[o]);
     }
   });
 }
 
 template <typename T>
 void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
-                 const T* weight, const T* grad_y, float* grad_x,
-                 float* grad_offset, float* grad_mask, float* grad_weight,
+                 const T* weight, const T* grad_y, Accum<T>* grad_x,
+                 Accum<T>* grad_offset, Accum<T>* grad_mask, Accum<T>* grad_weight,
                  const ParallelFor& parallel) {
+  using A = Accum<T>;
   const int64_t taps = s.taps(), cg = s.channels_per_group(), m = s.multiplier;
   const int64_t cm = s.out_channels(), hw = s.h * s.w;
-  const std::vector<float> wf = ToFloatVector(weight, taps * cm);
+  const std::vector<A> wf = ToAccumVector(weight, taps * cm);
 
   // Pass 1, one task per output row: grad_offset and grad_mask are sums over
   // the channels of a group at one (pixel, tap), so each row owns its outputs.
   parallel(s.n * s.ho, [&](int64_t row) {
     const int64_t n = row / s.ho, oy = row % s.ho;
     const T* xn = x + n * hw * s.c;
-    std::vector<float> gy(cm), gcol(cg), dvy(cg), dvx(cg), val(cg);
+    std::vector<A> gy(cm), gcol(cg), dvy(cg), dvx(cg), val(cg);
     for (int64_t ox = 0; ox < s.wo; ++ox) {
       const int64_t pixel = row * s.wo + ox;
-      for (int64_t o = 0; o < cm; ++o) gy[o] = ToFloat(grad_y[pixel * cm + o]);
+      for (int64_t o = 0; o < cm; ++o) gy[o] = ToAccum(grad_y[pixel * cm + o]);
       for (int64_t g = 0; g < s.groups; ++g) {
         for (int64_t k = 0; k < taps; ++k) {
-          const Tap t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
-          float wy[4], wx[4];
+          const Tap<A> t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
+          A wy[4], wx[4];
           CornerWeightGrads(t.b, wy, wx);
           ColumnGrad(s, &wf[k * cm], gy.data(), g * cg, cg, gcol.data());
           std::fill(val.begin(), val.end(), t.b.poison);
           std::fill(dvy.begin(), dvy.end(), t.b.poison);
           std::fill(dvx.begin(), dvx.end(), t.b.poison);
           for (int i = 0; i < 4; ++i) {
-            if (t.b.valid[i] == 0.f) continue;
+            if (t.b.valid[i] == A(0)) continue;
             const T* xp = xn + t.b.corner[i] * s.c + g * cg;
             for (int64_t c = 0; c < cg; ++c) {
-              const float xv = ToFloat(xp[c]);
+              const A xv = ToAccum(xp[c]);
               val[c] += t.wgt[i] * xv;
               dvy[c] += wy[i] * xv;
               dvx[c] += wx[i] * xv;
             }
           }
-          float sum_val = 0.f, sum_dy = 0.f, sum_dx = 0.f;
+          A sum_val = A(0), sum_dy = A(0), sum_dx = A(0);
           for (int64_t c = 0; c < cg; ++c) {
             sum_val += gcol[c] * val[c];
             sum_dy += gcol[c] * dvy[c];
@@ -161,41 +166,41 @@ void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
   // same element and the order of additions is fixed. grad_weight partial
   // sums are kept per image and added in image order afterwards.
   const int64_t blocks = (s.c + kChannelBlock - 1) / kChannelBlock;
-  std::vector<float> weight_partial(s.n * taps * cm, 0.f);
+  std::vector<A> weight_partial(s.n * taps * cm, A(0));
   parallel(s.n * blocks, [&](int64_t task) {
     const int64_t n = task / blocks;
     const int64_t c_begin = (task % blocks) * kChannelBlock;
     const int64_t c_end = std::min(s.c, c_begin + kChannelBlock);
     const T* xn = x + n * hw * s.c;
-    float* gxn = grad_x + n * hw * s.c;
-    float* wpart = &weight_partial[n * taps * cm];
+    A* gxn = grad_x + n * hw * s.c;
+    A* wpart = &weight_partial[n * taps * cm];
     for (int64_t p = 0; p < hw; ++p) {
-      std::fill(gxn + p * s.c + c_begin, gxn + p * s.c + c_end, 0.f);
+      std::fill(gxn + p * s.c + c_begin, gxn + p * s.c + c_end, A(0));
     }
-    std::vector<float> gy(cm), gcol(kChannelBlock), val(kChannelBlock);
+    std::vector<A> gy(cm), gcol(kChannelBlock), val(kChannelBlock);
     for (int64_t oy = 0; oy < s.ho; ++oy) {
       for (int64_t ox = 0; ox < s.wo; ++ox) {
         const int64_t pixel = (n * s.ho + oy) * s.wo + ox;
         for (int64_t o = c_begin * m; o < c_end * m; ++o) {
-          gy[o] = ToFloat(grad_y[pixel * cm + o]);
+          gy[o] = ToAccum(grad_y[pixel * cm + o]);
         }
         for (int64_t g = c_begin / cg; g * cg < c_end; ++g) {
           const int64_t c0 = std::max(c_begin, g * cg);
           const int64_t count = std::min(c_end, (g + 1) * cg) - c0;
           for (int64_t k = 0; k < taps; ++k) {
-            const Tap t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
-            const float* wk = &wf[k * cm];
+            const Tap<A> t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
+            const A* wk = &wf[k * cm];
             ColumnGrad(s, wk, gy.data(), c0, count, gcol.data());
             for (int i = 0; i < 4; ++i) {
-              if (t.b.valid[i] == 0.f) continue;
-              float* gxp = gxn + t.b.corner[i] * s.c + c0;
-              const float w = t.mask * t.wgt[i];
+              if (t.b.valid[i] == A(0)) continue;
+              A* gxp = gxn + t.b.corner[i] * s.c + c0;
+              const A w = t.mask * t.wgt[i];
               for (int64_t c = 0; c < count; ++c) gxp[c] += w * gcol[c];
             }
             Interpolate(s, t, xn, c0, count, val.data());
-            float* wp = wpart + k * cm;
+            A* wp = wpart + k * cm;
             for (int64_t c = 0; c < count; ++c) {
-              const float v = t.mask * val[c];
+              const A v = t.mask * val[c];
               for (int64_t j = 0; j < m; ++j) {
                 wp[(c0 + c) * m + j] += v * gy[(c0 + c) * m + j];
               }
@@ -209,7 +214,7 @@ void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
   parallel((wsize + 255) / 256, [&](int64_t chunk) {
     const int64_t end = std::min(wsize, (chunk + 1) * 256);
     for (int64_t i = chunk * 256; i < end; ++i) {
-      float sum = 0.f;
+      A sum = A(0);
       for (int64_t n = 0; n < s.n; ++n) sum += weight_partial[n * wsize + i];
       grad_weight[i] = sum;
     }
@@ -220,11 +225,12 @@ void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
   template void ForwardCpu<T>(const ConvShape&, const T*, const T*, const T*,  \
                               const T*, const T*, T*, const ParallelFor&);     \
   template void BackwardCpu<T>(const ConvShape&, const T*, const T*, const T*, \
-                               const T*, const T*, float*, float*, float*,     \
-                               float*, const ParallelFor&);
+                               const T*, const T*, Accum<T>*, Accum<T>*,       \
+                               Accum<T>*, Accum<T>*, const ParallelFor&);
 JAX_DEFORM_INSTANTIATE(float)
 JAX_DEFORM_INSTANTIATE(BFloat16)
 JAX_DEFORM_INSTANTIATE(Float16)
+JAX_DEFORM_INSTANTIATE(double)
 #undef JAX_DEFORM_INSTANTIATE
 
 }  // namespace jax_deform

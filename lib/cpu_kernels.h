@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "cpu_dtypes.h"
 #include "deform_math.h"
 
 namespace jax_deform {
@@ -16,18 +17,20 @@ namespace jax_deform {
 using ParallelFor =
     std::function<void(int64_t count, const std::function<void(int64_t)>& body)>;
 
-// y[n, oy, ox, c*M + j] = bias + sum_k mask * sample(x[n, :, :, c]) * weight[k, c*M + j].
+// y[n, oy, ox, c*M + j] = bias + sum_k mask * sample(x[n, :, :, c]) * weight[k, c*M + j],
+// computed in Accum<T>: float32 for float32 and the 16-bit types, float64 for float64.
 // mask and bias may be null. weight is (kh, kw, 1, C*M).
 template <typename T>
 void ForwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
                 const T* weight, const T* bias, T* y, const ParallelFor& parallel);
 
 // Gradients for x (N,H,W,C), offset, mask (if s.has_mask) and weight
-// (kh*kw, C*M), all float32; grad_bias is a plain reduction left to XLA.
+// (kh*kw, C*M), all in Accum<T> (float32; float64 for float64 operands);
+// grad_bias is a plain reduction left to XLA.
 template <typename T>
 void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
-                 const T* weight, const T* grad_y, float* grad_x,
-                 float* grad_offset, float* grad_mask, float* grad_weight,
+                 const T* weight, const T* grad_y, Accum<T>* grad_x,
+                 Accum<T>* grad_offset, Accum<T>* grad_mask, Accum<T>* grad_weight,
                  const ParallelFor& parallel);
 
 }  // namespace jax_deform

@@ -1,4 +1,5 @@
-// What the CUDA kernels share: dtype conversion, 16-byte vector access, the
+// What the CUDA kernels share: dtype conversion (float32, bfloat16 and float16
+// computed in float32; float64 in float64), 16-byte vector access, the
 // per-(pixel, tap) sample geometry and how output tiles map onto blocks.
 // Device helpers and small host helpers only; kernels live in one file per
 // family (cuda_forward.cu, cuda_backward.cu, cuda_grad_x_gather.cu).
@@ -25,9 +26,23 @@ constexpr int kMaxThreads = 256;
 constexpr int kMaxTilePixels = 64;
 constexpr size_t kGeometryBudget = 38 * 1024;  // shared memory for the tile geometry
 
+// What a kernel computes and accumulates in for element type T (and the type
+// of the gradients it writes): float, or double for double.
+template <typename T>
+struct AccFor {
+  using type = float;
+};
+template <>
+struct AccFor<double> {
+  using type = double;
+};
+template <typename T>
+using Acc = typename AccFor<T>::type;
+
 __device__ __forceinline__ float ToF(float v) { return v; }
 __device__ __forceinline__ float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
+__device__ __forceinline__ double ToF(double v) { return v; }
 
 template <typename T>
 __device__ __forceinline__ T FromF(float v);
@@ -40,39 +55,51 @@ __device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
 template <>
 __device__ __forceinline__ __half FromF<__half>(float v) { return __float2half(v); }
 
+// An Acc<T> value as T.
+template <typename T>
+__device__ __forceinline__ T FromAcc(Acc<T> v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return FromF<T>(v);
+  }
+}
+
 // V elements loaded or stored as one aligned access (16 bytes when V * sizeof(T) == 16).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-template <typename T, int V>
-__device__ __forceinline__ void LoadVec(const T* __restrict__ p, float (&out)[V]) {
+template <typename T, int V, typename A>
+__device__ __forceinline__ void LoadVec(const T* __restrict__ p, A (&out)[V]) {
   const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
 #pragma unroll
   for (int i = 0; i < V; ++i) out[i] = ToF(pack.v[i]);
 }
 
 template <typename T, int V>
-__device__ __forceinline__ void StoreVec(T* p, const float (&in)[V]) {
+__device__ __forceinline__ void StoreVec(T* p, const Acc<T> (&in)[V]) {
   Pack<T, V> pack;
 #pragma unroll
-  for (int i = 0; i < V; ++i) pack.v[i] = FromF<T>(in[i]);
+  for (int i = 0; i < V; ++i) pack.v[i] = FromAcc<T>(in[i]);
   *reinterpret_cast<Pack<T, V>*>(p) = pack;
 }
 
-// Adds V floats to consecutive, V-aligned float addresses.
-template <int V>
-__device__ __forceinline__ void AtomicAddVec(float* p, const float (&v)[V]) {
+// Adds V values to consecutive, V-aligned addresses (float4 atomics for
+// float on sm_90, else one atomic per value).
+template <int V, typename A>
+__device__ __forceinline__ void AtomicAddVec(A* p, const A (&v)[V]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kVector = V % 4 == 0;
+  constexpr bool kVector = std::is_same_v<A, float> && V % 4 == 0;
 #else
   constexpr bool kVector = false;
 #endif
   if constexpr (kVector) {
 #pragma unroll
     for (int i = 0; i < V; i += 4) {
-      atomicAdd(reinterpret_cast<float4*>(p + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+      atomicAdd(reinterpret_cast<float4*>(p + i),
+                make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
     }
   } else {
 #pragma unroll
@@ -80,43 +107,48 @@ __device__ __forceinline__ void AtomicAddVec(float* p, const float (&v)[V]) {
   }
 }
 
-// Geometry of one (pixel, tap) of a tile, computed once per block.
-struct TapGeometry {
+// Geometry of one (pixel, tap) of a tile, computed once per block, in the
+// arithmetic type A (float; double for double).
+template <typename A>
+struct TapGeometryOf {
   int corner[4];  // y * W + x inside the image, always safe to read
-  float ly, lx;   // fractional position
-  float mask;
-  float poison;   // NaN for a NaN sample position, else 0
+  A ly, lx;       // fractional position
+  A mask;
+  A poison;       // NaN for a NaN sample position, else 0
   unsigned valid; // bit i: corner i lies inside the image
 };
+using TapGeometry = TapGeometryOf<float>;
 
 template <typename T>
-__device__ __forceinline__ TapGeometry MakeGeometry(const ConvShape& s, const T* __restrict__ offset,
-                                                    const T* __restrict__ mask, int64_t pixel,
-                                                    int64_t g, int64_t k) {
+__device__ __forceinline__ TapGeometryOf<Acc<T>> MakeGeometry(
+    const ConvShape& s, const T* __restrict__ offset, const T* __restrict__ mask, int64_t pixel,
+    int64_t g, int64_t k) {
+  using A = Acc<T>;
   const int64_t ox = pixel % s.wo;
   const int64_t oy = (pixel / s.wo) % s.ho;
   const int64_t oi = OffsetIndex(s, pixel, g, k);
-  float py, px;
+  A py, px;
   SamplePosition(s, oy, ox, k / s.kw, k % s.kw, ToF(offset[oi]), ToF(offset[oi + 1]), &py, &px);
-  const Bilinear b = MakeBilinear(py, px, s.h, s.w);
-  TapGeometry t;
+  const BilinearOf<A> b = MakeBilinear(py, px, s.h, s.w);
+  TapGeometryOf<A> t;
 #pragma unroll
   for (int i = 0; i < 4; ++i) t.corner[i] = static_cast<int>(b.corner[i]);
   t.ly = b.ly;
   t.lx = b.lx;
   t.poison = b.poison;
-  t.mask = mask ? ToF(mask[MaskIndex(s, pixel, g, k)]) : 1.f;
-  t.valid = (b.valid[0] != 0.f) | ((b.valid[1] != 0.f) << 1) | ((b.valid[2] != 0.f) << 2) |
-            ((b.valid[3] != 0.f) << 3);
+  t.mask = mask ? ToF(mask[MaskIndex(s, pixel, g, k)]) : A(1);
+  t.valid = (b.valid[0] != A(0)) | ((b.valid[1] != A(0)) << 1) | ((b.valid[2] != A(0)) << 2) |
+            ((b.valid[3] != A(0)) << 3);
   return t;
 }
 
-__device__ __forceinline__ Bilinear ToBilinear(const TapGeometry& t) {
-  Bilinear b;
+template <typename A>
+__device__ __forceinline__ BilinearOf<A> ToBilinear(const TapGeometryOf<A>& t) {
+  BilinearOf<A> b;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     b.corner[i] = t.corner[i];
-    b.valid[i] = (t.valid >> i) & 1u ? 1.f : 0.f;
+    b.valid[i] = (t.valid >> i) & 1u ? A(1) : A(0);
   }
   b.ly = t.ly;
   b.lx = t.lx;
@@ -158,14 +190,18 @@ inline int FloorPow2(int64_t v) {
   return p;
 }
 
-inline Plan MakePlan(const ConvShape& s, int max_vec) {
+// wide: the kernels compute in double (float64), whose tap geometry and
+// per-tap sums take more shared memory.
+inline Plan MakePlan(const ConvShape& s, int max_vec, bool wide = false) {
   Plan p;
   const int64_t cg = s.channels_per_group();
   p.vec = (s.multiplier == 1 && cg % max_vec == 0) ? max_vec : 1;
   const int64_t vectors = cg / p.vec;
   p.lanes = FloorPow2(std::min<int64_t>(vectors, 32));
+  const size_t per_tap = wide ? sizeof(TapGeometryOf<double>) + 3 * sizeof(double)
+                              : sizeof(TapGeometry) + 3 * sizeof(float);
   const int64_t by_smem =
-      static_cast<int64_t>(kGeometryBudget / (sizeof(int64_t) + s.taps() * (sizeof(TapGeometry) + 3 * sizeof(float))));
+      static_cast<int64_t>(kGeometryBudget / (sizeof(int64_t) + s.taps() * per_tap));
   p.tile_pixels = FloorPow2(std::max<int64_t>(1, std::min<int64_t>(kMaxTilePixels, by_smem)));
   p.threads = std::max(32, std::min(kMaxThreads, p.tile_pixels * p.lanes));
   p.grid.pixels = p.tile_pixels;
@@ -183,7 +219,7 @@ inline Plan MakePlan(const ConvShape& s, int max_vec) {
 template <typename T>
 __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
                              const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
-                             TapGeometry* geom) {
+                             TapGeometryOf<Acc<T>>* geom) {
   const int taps = static_cast<int>(s.taps());
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
@@ -246,8 +282,10 @@ inline int SmCount() {
 
 template <typename T>
 constexpr Dtype DtypeOf() {
-  return std::is_same_v<T, float> ? Dtype::kF32
-                                  : std::is_same_v<T, __nv_bfloat16> ? Dtype::kBF16 : Dtype::kF16;
+  return std::is_same_v<T, float>           ? Dtype::kF32
+         : std::is_same_v<T, __nv_bfloat16> ? Dtype::kBF16
+         : std::is_same_v<T, double>        ? Dtype::kF64
+                                            : Dtype::kF16;
 }
 
 // Calls fn(T{}) with T the element type of `dtype`.
@@ -257,6 +295,7 @@ cudaError_t DispatchDtype(Dtype dtype, Fn&& fn) {
     case Dtype::kF32: return fn(float{});
     case Dtype::kBF16: return fn(__nv_bfloat16{});
     case Dtype::kF16: return fn(__half{});
+    case Dtype::kF64: return fn(double{});
   }
   return cudaErrorInvalidValue;
 }

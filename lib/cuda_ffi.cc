@@ -17,6 +17,7 @@ ffi::Error ToDtype(ffi::DataType t, Dtype* out) {
     case ffi::DataType::F32: *out = Dtype::kF32; return ffi::Error::Success();
     case ffi::DataType::BF16: *out = Dtype::kBF16; return ffi::Error::Success();
     case ffi::DataType::F16: *out = Dtype::kF16; return ffi::Error::Success();
+    case ffi::DataType::F64: *out = Dtype::kF64; return ffi::Error::Success();
     default: return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
   }
 }
@@ -59,10 +60,10 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer off
 
 ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
                         ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer weight,
-                        ffi::AnyBuffer grad_y, ffi::Result<ffi::Buffer<ffi::F32>> grad_x,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_offset,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_mask,
-                        ffi::Result<ffi::Buffer<ffi::F32>> grad_weight,
+                        ffi::AnyBuffer grad_y, ffi::Result<ffi::AnyBuffer> grad_x,
+                        ffi::Result<ffi::AnyBuffer> grad_offset,
+                        ffi::Result<ffi::AnyBuffer> grad_mask,
+                        ffi::Result<ffi::AnyBuffer> grad_weight,
                         ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t stride_h,
                         int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                         int64_t dil_w, bool deterministic) {
@@ -70,10 +71,14 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   ffi::Error err = MakeConvShape(x, offset, mask, weight,
                                  {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
   if (err.failure()) return err;
-  if (s.n * s.ho * s.wo == 0) {
-    cudaMemsetAsync(grad_x->typed_data(), 0, grad_x->size_bytes(), stream);
+  err = CheckGradTypes(x.element_type(), {grad_x->element_type(), grad_offset->element_type(),
+                                          grad_mask->element_type(),
+                                          grad_weight->element_type()});
+  if (err.failure()) return err;
+  if (s.n * s.ho * s.wo == 0) {  // all-zero bits: 0.0 in float32 and float64
+    cudaMemsetAsync(grad_x->untyped_data(), 0, grad_x->size_bytes(), stream);
     return CudaError(
-        cudaMemsetAsync(grad_weight->typed_data(), 0, grad_weight->size_bytes(), stream));
+        cudaMemsetAsync(grad_weight->untyped_data(), 0, grad_weight->size_bytes(), stream));
   }
   if (err = CheckLimits(s); err.failure()) return err;
   if (deterministic && !DeterministicBackwardFits(s)) {
@@ -88,9 +93,9 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   }
   return CudaError(LaunchBackwardCuda(
       stream, dtype, s, deterministic, x.untyped_data(), offset.untyped_data(), DataOrNull(mask),
-      weight.untyped_data(), grad_y.untyped_data(), grad_x->typed_data(),
-      grad_offset->typed_data(), s.has_mask ? grad_mask->typed_data() : nullptr,
-      grad_weight->typed_data(), workspace->typed_data()));
+      weight.untyped_data(), grad_y.untyped_data(), grad_x->untyped_data(),
+      grad_offset->untyped_data(), s.has_mask ? grad_mask->untyped_data() : nullptr,
+      grad_weight->untyped_data(), workspace->typed_data()));
 }
 
 }  // namespace

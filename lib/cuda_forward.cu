@@ -16,16 +16,18 @@ using namespace cuda_detail;  // NOLINT: this file's own helpers
 
 // What the forward needs of one (pixel, tap): corner pixel indices (-1 where
 // the corner lies outside the image and is not read) and weights with the
-// mask folded in. Two 16-byte shared-memory loads per tap.
-struct alignas(16) ForwardTap {
+// mask folded in. Two 16-byte shared-memory loads per tap (three for double).
+template <typename A>
+struct alignas(16) ForwardTapOf {
   int corner[4];
-  float weight[4];
+  A weight[4];
 };
 
 template <typename T>
 __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
                                 const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
-                                ForwardTap* taps_out) {
+                                ForwardTapOf<Acc<T>>* taps_out) {
+  using A = Acc<T>;
   const int taps = static_cast<int>(s.taps());
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
@@ -33,16 +35,16 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
   for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
     const int64_t pixel = TilePixel(s, tg, blockIdx.x, e / taps);
     if (pixel < 0) continue;
-    const TapGeometry t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
-    float wgt[4];
+    const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
+    A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
-    ForwardTap f;
+    ForwardTapOf<A> f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       f.corner[i] = (t.valid >> i) & 1u ? t.corner[i] : -1;
       f.weight[i] = t.mask * wgt[i];
     }
-    if (t.poison != 0.f || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
+    if (t.poison != A(0) || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
       f.corner[0] = 0;
       f.weight[0] = t.poison;
     }
@@ -59,9 +61,10 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
     ForwardKernel(ConvShape s, TileGrid tg, int lanes, int vectors_per_split, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask,
                   const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
+  using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
-  ForwardTap* tap_table = reinterpret_cast<ForwardTap*>(pixel_of + ((tg.pixels + 1) & ~1));
+  ForwardTapOf<A>* tap_table = reinterpret_cast<ForwardTapOf<A>*>(pixel_of + ((tg.pixels + 1) & ~1));
   const int64_t g = blockIdx.y;
   ForwardTileTaps(s, tg, offset, mask, g, pixel_of, tap_table);
   __syncthreads();
@@ -76,7 +79,7 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   for (int64_t j0 = 0; j0 < m; j0 += MB) {
     for (int vec = vec_begin + lane; vec < vec_end; vec += lanes) {
       const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
-      float w_reg[KT > 0 ? KT : 1][V];
+      A w_reg[KT > 0 ? KT : 1][V];
       if constexpr (KT > 0 && MB == 1) {
 #pragma unroll
         for (int k = 0; k < KT; ++k) LoadVec<T, V>(weight + k * cm + c, w_reg[k]);
@@ -85,26 +88,26 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
         const int64_t pixel = pixel_of[lp];
         if (pixel < 0) continue;
         const T* xc = x + (pixel / img_pixels) * hw * s.c + c;
-        float acc[V * MB];
+        A acc[V * MB];
 #pragma unroll
-        for (int i = 0; i < V * MB; ++i) acc[i] = 0.f;
-        const ForwardTap* tt = tap_table + lp * taps;
+        for (int i = 0; i < V * MB; ++i) acc[i] = A(0);
+        const ForwardTapOf<A>* tt = tap_table + lp * taps;
 #pragma unroll(KT > 0 ? KT : 3)
         for (int k = 0; k < taps; ++k) {
-          const ForwardTap t = tt[k];
-          float val[V];
+          const ForwardTapOf<A> t = tt[k];
+          A val[V];
 #pragma unroll
-          for (int v = 0; v < V; ++v) val[v] = 0.f;
+          for (int v = 0; v < V; ++v) val[v] = A(0);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             if (t.corner[i] < 0) continue;
-            float corner[V];
+            A corner[V];
             LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c, corner);
 #pragma unroll
             for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
           }
           if constexpr (MB == 1) {
-            float wv[V];
+            A wv[V];
             if constexpr (KT > 0) {
 #pragma unroll
               for (int v = 0; v < V; ++v) wv[v] = w_reg[k][v];
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
         T* yp = y + pixel * cm;
         if constexpr (MB == 1) {  // M == 1: V consecutive outputs
           if (bias) {
-            float bv[V];
+            A bv[V];
             LoadVec<T, V>(bias + c, bv);
 #pragma unroll
             for (int v = 0; v < V; ++v) acc[v] += bv[v];
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 #pragma unroll
             for (int jj = 0; jj < MB; ++jj) {
               const int64_t o = (c + v) * m + j0 + jj;
-              if (j0 + jj < m) yp[o] = FromF<T>(acc[v * MB + jj] + (bias ? ToF(bias[o]) : 0.f));
+              if (j0 + jj < m) yp[o] = FromAcc<T>(acc[v * MB + jj] + (bias ? ToF(bias[o]) : A(0)));
             }
           }
         }
@@ -162,30 +165,35 @@ ForwardFn<T> PickForward(const ConvShape& s, const Plan& p) {
   if (p.vec != kVec) {
     return s.taps() == 9 ? ForwardKernel<T, 1, 1, 9, 1> : ForwardKernel<T, 1, 1, 0, 1>;
   }
-  // Measured on an H200 (benchmarks/RESULTS.md): float32 3x3 with many
-  // channels runs faster with its weights in registers and no register cap;
-  // everything else (bfloat16/float16 above all: 160+ registers) with the
-  // weights read per tap and a cap of 64 registers (4 blocks per SM).
-  const bool wide_f32 = sizeof(T) == 4 && s.taps() == 9 && s.channels_per_group() >= 256;
-  const bool registers = s.taps() == 9 && (tune.forward_weights_in_registers >= 0
-                                               ? tune.forward_weights_in_registers > 0
-                                               : wide_f32);
-  const int min_blocks = tune.forward_min_blocks > 0 ? tune.forward_min_blocks
-                         : registers                 ? 1
-                                                     : 4;
-  if (min_blocks >= 4) {
-    return registers ? ForwardKernel<T, kVec, 1, 9, 4> : ForwardKernel<T, kVec, 1, 0, 4>;
+  if constexpr (std::is_same_v<T, double>) {
+    // float64 (not tuned): two doubles a vector, weights read per tap, no register cap.
+    return ForwardKernel<T, kVec, 1, 0, 1>;
+  } else {
+    // Measured on an H200 (benchmarks/RESULTS.md): float32 3x3 with many
+    // channels runs faster with its weights in registers and no register cap;
+    // everything else (bfloat16/float16 above all: 160+ registers) with the
+    // weights read per tap and a cap of 64 registers (4 blocks per SM).
+    const bool wide_f32 = sizeof(T) == 4 && s.taps() == 9 && s.channels_per_group() >= 256;
+    const bool registers = s.taps() == 9 && (tune.forward_weights_in_registers >= 0
+                                                 ? tune.forward_weights_in_registers > 0
+                                                 : wide_f32);
+    const int min_blocks = tune.forward_min_blocks > 0 ? tune.forward_min_blocks
+                           : registers                 ? 1
+                                                       : 4;
+    if (min_blocks >= 4) {
+      return registers ? ForwardKernel<T, kVec, 1, 9, 4> : ForwardKernel<T, kVec, 1, 0, 4>;
+    }
+    return registers ? ForwardKernel<T, kVec, 1, 9, 1> : ForwardKernel<T, kVec, 1, 0, 1>;
   }
-  return registers ? ForwardKernel<T, kVec, 1, 9, 1> : ForwardKernel<T, kVec, 1, 0, 1>;
 }
 
 template <typename T>
 cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T* offset,
                     const T* mask, const T* weight, const T* bias, T* y) {
   constexpr int kVec = 16 / sizeof(T);
-  const Plan p = MakePlan(s, kVec);
+  const Plan p = MakePlan(s, kVec, std::is_same_v<T, double>);
   const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) +
-                      p.tile_pixels * s.taps() * sizeof(ForwardTap);
+                      p.tile_pixels * s.taps() * sizeof(ForwardTapOf<Acc<T>>);
   // Enough blocks for about two waves: split the channels when tiles are few.
   const int64_t vectors = s.channels_per_group() / p.vec;
   const int64_t lane_rounds = (vectors + p.lanes - 1) / p.lanes;

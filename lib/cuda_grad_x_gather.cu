@@ -23,13 +23,16 @@ int KeyBits(const ConvShape& s) {
   return bits;
 }
 
-// Scratch carve-up, used by both the size query and the launch.
+// Scratch carve-up, used by both the size query and the launch. wide
+// (float64): each contribution's scale is a double of its own, `scales`,
+// indexed by contribution id, which the entry then carries in its upper half.
 struct Layout {
-  size_t counts, starts, keys_in, keys_out, entries_in, entries_out, sort_temp, scan_temp, total;
+  size_t counts, starts, keys_in, keys_out, entries_in, entries_out, sort_temp, scan_temp, scales,
+      total;
   size_t sort_bytes, scan_bytes;
 };
 
-Layout MakeLayout(const ConvShape& s) {
+Layout MakeLayout(const ConvShape& s, bool wide = false) {
   Layout d{};
   const int64_t destinations = Destinations(s);
   const int contributions = static_cast<int>(Contributions(s));
@@ -54,18 +57,22 @@ Layout MakeLayout(const ConvShape& s) {
   d.entries_out = take(contributions * sizeof(unsigned long long));
   d.sort_temp = take(d.sort_bytes);
   d.scan_temp = take(d.scan_bytes);
+  d.scales = wide ? take(contributions * sizeof(double)) : 0;
   d.total = at;
   return d;
 }
 
 // One thread per (output pixel, group, tap): the key of each corner is its
 // destination; the entry packs (pixel * taps + tap) with the corner's weight
-// times the mask, all the gather needs.
+// times the mask, all the gather needs. For double the scale does not fit
+// beside the position: it goes to scales[id] and the entry packs the id.
 template <typename T>
 __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
                                    const T* __restrict__ mask, unsigned* __restrict__ counts,
                                    unsigned* __restrict__ keys,
-                                   unsigned long long* __restrict__ entries) {
+                                   unsigned long long* __restrict__ entries,
+                                   Acc<T>* __restrict__ scales) {
+  using A = Acc<T>;
   const int64_t taps = s.taps();
   const int64_t total = s.n * s.ho * s.wo * s.groups * taps;
   const int64_t hw = s.h * s.w;
@@ -73,8 +80,8 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = e % taps, g = (e / taps) % s.groups, pixel = e / (taps * s.groups);
-    const TapGeometry t = MakeGeometry(s, offset, mask, pixel, g, k);
-    float wgt[4];
+    const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, k);
+    A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
     const int64_t image = pixel / (s.ho * s.wo);
     const unsigned long long where = static_cast<unsigned long long>(pixel * taps + k);
@@ -84,8 +91,13 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
       if ((t.valid >> i) & 1u) {
         const unsigned dest = static_cast<unsigned>((image * hw + t.corner[i]) * s.groups + g);
         keys[id] = dest;
-        const float scale = t.mask * wgt[i];
-        entries[id] = where | (static_cast<unsigned long long>(__float_as_uint(scale)) << 32);
+        const A scale = t.mask * wgt[i];
+        if constexpr (std::is_same_v<A, double>) {
+          scales[id] = scale;
+          entries[id] = where | (static_cast<unsigned long long>(id) << 32);
+        } else {
+          entries[id] = where | (static_cast<unsigned long long>(__float_as_uint(scale)) << 32);
+        }
         atomicAdd(counts + dest, 1u);  // integer: the count does not depend on the order
       } else {
         keys[id] = outside;
@@ -100,7 +112,8 @@ template <typename T, int V, int R>
 __global__ void __launch_bounds__(kThreads)
     GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
                  const unsigned* __restrict__ starts, const unsigned long long* __restrict__ entries,
-                 float* __restrict__ grad_x) {
+                 const Acc<T>* __restrict__ scales, Acc<T>* __restrict__ grad_x) {
+  using A = Acc<T>;
   const int64_t dest = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (dest >= Destinations(s)) return;
   const int lane = threadIdx.x % 32;
@@ -110,17 +123,22 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned taps = static_cast<unsigned>(s.taps());
   const int vectors = static_cast<int>(cg / V);
   for (int base = 0; base < vectors; base += 32 * R) {
-    float acc[R][V];
+    A acc[R][V];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[r][v] = 0.f;
+      for (int v = 0; v < V; ++v) acc[r][v] = A(0);
     }
 #pragma unroll 2
     for (unsigned a = begin; a < end; ++a) {
       const unsigned long long entry = entries[a];
       const unsigned where = static_cast<unsigned>(entry);
-      const float scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
+      A scale;
+      if constexpr (std::is_same_v<A, double>) {
+        scale = scales[entry >> 32];
+      } else {
+        scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
+      }
       const unsigned pixel = where / taps, k = where - pixel * taps;
       const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
       const T* wk = weight + static_cast<int64_t>(k) * cm;
@@ -130,24 +148,24 @@ __global__ void __launch_bounds__(kThreads)
         if (vec >= vectors) continue;
         const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
         if (V > 1 || m == 1) {
-          float gv[V], wv[V];
+          A gv[V], wv[V];
           LoadVec<T, V>(gy + c * m, gv);
           LoadVec<T, V>(wk + c * m, wv);
 #pragma unroll
           for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[v] * wv[v]);
         } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
-          float sum = 0.f;
+          A sum = A(0);
           for (int64_t j = 0; j < m; ++j) sum += ToF(wk[c * m + j]) * ToF(gy[c * m + j]);
           acc[r][0] += scale * sum;
         }
       }
     }
-    float* out = grad_x + in_pixel * s.c + g * cg;
+    A* out = grad_x + in_pixel * s.c + g * cg;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int vec = base + lane + 32 * r;
       if (vec < vectors) {
-        float* o = out + static_cast<int64_t>(vec) * V;
+        A* o = out + static_cast<int64_t>(vec) * V;
 #pragma unroll
         for (int v = 0; v < V; ++v) o[v] = acc[r][v];
       }
@@ -157,22 +175,28 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int V>
 void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
-                  const unsigned* starts, const unsigned long long* entries, float* grad_x) {
+                  const unsigned* starts, const unsigned long long* entries,
+                  const Acc<T>* scales, Acc<T>* grad_x) {
   const int64_t vectors = s.channels_per_group() / V;
   const int64_t blocks = (Destinations(s) + kThreads / 32 - 1) / (kThreads / 32);
   if (vectors <= 32) {
-    GatherKernel<T, V, 1><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries, grad_x);
+    GatherKernel<T, V, 1><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
+                                                           scales, grad_x);
   } else if (vectors <= 64) {
-    GatherKernel<T, V, 2><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries, grad_x);
+    GatherKernel<T, V, 2><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
+                                                           scales, grad_x);
   } else {
-    GatherKernel<T, V, 4><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries, grad_x);
+    GatherKernel<T, V, 4><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
+                                                           scales, grad_x);
   }
 }
 
 template <typename T>
 cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, const T* mask,
-                   const T* weight, const T* grad_y, float* grad_x, unsigned char* scratch) {
-  const Layout d = MakeLayout(s);
+                   const T* weight, const T* grad_y, Acc<T>* grad_x, unsigned char* scratch) {
+  using A = Acc<T>;
+  const Layout d = MakeLayout(s, std::is_same_v<A, double>);
+  auto* scales = std::is_same_v<A, double> ? reinterpret_cast<A*>(scratch + d.scales) : nullptr;
   auto* counts = reinterpret_cast<unsigned*>(scratch + d.counts);
   auto* starts = reinterpret_cast<unsigned*>(scratch + d.starts);
   auto* keys_in = reinterpret_cast<unsigned*>(scratch + d.keys_in);
@@ -184,7 +208,8 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   cudaError_t err = cudaMemsetAsync(counts, 0, (destinations + 1) * sizeof(unsigned), stream);
   if (err != cudaSuccess) return err;
   const int64_t grid = std::min<int64_t>((contributions / 4 + kThreads - 1) / kThreads, 1 << 20);
-  ContributionKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, counts, keys_in, entries_in);
+  ContributionKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, counts, keys_in, entries_in,
+                                                       scales);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   size_t sort_bytes = d.sort_bytes, scan_bytes = d.scan_bytes;
   err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out,
@@ -196,9 +221,9 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   if (err != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
   if (s.multiplier == 1 && s.channels_per_group() % kVec == 0) {
-    LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, entries_out, grad_x);
+    LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, entries_out, scales, grad_x);
   } else {
-    LaunchGather<T, 1>(stream, s, weight, grad_y, starts, entries_out, grad_x);
+    LaunchGather<T, 1>(stream, s, weight, grad_y, starts, entries_out, scales, grad_x);
   }
   return cudaGetLastError();
 }
@@ -211,16 +236,16 @@ bool GatherFits(const ConvShape& s) {
          s.n * s.ho * s.wo * s.taps() < std::numeric_limits<unsigned>::max();
 }
 
-size_t GatherScratchBytes(const ConvShape& s) { return MakeLayout(s).total; }
+size_t GatherScratchBytes(const ConvShape& s, bool wide) { return MakeLayout(s, wide).total; }
 
 cudaError_t GradXByGather(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* offset,
-                          const void* mask, const void* weight, const void* grad_y, float* grad_x,
+                          const void* mask, const void* weight, const void* grad_y, void* grad_x,
                           void* scratch) {
   return DispatchDtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     return Gather(stream, s, static_cast<const T*>(offset), static_cast<const T*>(mask),
-                  static_cast<const T*>(weight), static_cast<const T*>(grad_y), grad_x,
-                  static_cast<unsigned char*>(scratch));
+                  static_cast<const T*>(weight), static_cast<const T*>(grad_y),
+                  static_cast<Acc<T>*>(grad_x), static_cast<unsigned char*>(scratch));
   });
 }
 

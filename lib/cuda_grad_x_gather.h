@@ -22,12 +22,12 @@ namespace cuda_detail {
 // count with a signed int): false when this problem is too large for that.
 bool GatherFits(const ConvShape& s);
 
-// Bytes of device scratch GradXByGather needs.
-size_t GatherScratchBytes(const ConvShape& s);
+// Bytes of device scratch GradXByGather needs (wide: for kF64).
+size_t GatherScratchBytes(const ConvShape& s, bool wide = false);
 
-// Writes every element of grad_x (float32, N*H*W*C).
+// Writes every element of grad_x (N*H*W*C; float32, or float64 for kF64).
 cudaError_t GradXByGather(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* offset,
-                          const void* mask, const void* weight, const void* grad_y, float* grad_x,
+                          const void* mask, const void* weight, const void* grad_y, void* grad_x,
                           void* scratch);
 
 }  // namespace cuda_detail

@@ -12,7 +12,7 @@
 
 namespace jax_deform {
 
-enum class Dtype { kF32, kBF16, kF16 };
+enum class Dtype { kF32, kBF16, kF16, kF64 };
 
 // y = deformable depthwise conv; mask and bias may be null.
 cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
@@ -25,15 +25,15 @@ size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic)
 // Whether the deterministic backward's 32-bit contribution indices cover s.
 bool DeterministicBackwardFits(const ConvShape& s);
 
-// Gradients (all float32) for x, offset, mask (if s.has_mask) and weight
-// (kh*kw, C*M). `scratch` holds BackwardScratchBytes(s, dtype, deterministic) bytes.
+// Gradients for x, offset, mask (if s.has_mask) and weight (kh*kw, C*M): float32,
+// or float64 (computed in float64) for kF64. `scratch` holds BackwardScratchBytes(s, dtype, deterministic) bytes.
 // grad_offset, grad_mask and grad_weight are always computed in a fixed order;
 // `deterministic` also makes grad_x free of float atomics (a sorted gather).
 cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
                                bool deterministic, const void* x, const void* offset,
                                const void* mask, const void* weight, const void* grad_y,
-                               float* grad_x, float* grad_offset, float* grad_mask,
-                               float* grad_weight, void* scratch);
+                               void* grad_x, void* grad_offset, void* grad_mask,
+                               void* grad_weight, void* scratch);
 
 }  // namespace jax_deform
 

@@ -36,32 +36,40 @@ struct ConvShape {
 
 // Where one tap of one output pixel samples the image, and with what weights.
 // Corner order: (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
-struct Bilinear {
+// F is the arithmetic type: float for float32 and the 16-bit types, double
+// for float64.
+template <typename F>
+struct BilinearOf {
   int64_t corner[4];  // y * W + x, clamped into the image: always safe to read
-  float valid[4];     // 1 where the corner lies inside the image, else 0
-  float ly, lx;       // fractional position inside the cell
-  float poison;       // NaN when the sample position is NaN, else 0
+  F valid[4];         // 1 where the corner lies inside the image, else 0
+  F ly, lx;           // fractional position inside the cell
+  F poison;           // NaN when the sample position is NaN, else 0
 };
+using Bilinear = BilinearOf<float>;
+
+DEFORM_HD float FloorOf(float v) { return floorf(v); }
+DEFORM_HD double FloorOf(double v) { return floor(v); }
 
 // The sample counts only when -1 < y < H and -1 < x < W (torchvision's rule);
 // +-inf, huge values and NaN fail these comparisons before any float-to-int
 // conversion, so no conversion is ever undefined. A NaN position poisons the
 // value it produces (the divergence must be visible) but reads nothing.
-DEFORM_HD Bilinear MakeBilinear(float py, float px, int64_t h, int64_t w) {
-  Bilinear b;
-  b.poison = (py != py || px != px) ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-  b.ly = 0.f;
-  b.lx = 0.f;
+template <typename F>
+DEFORM_HD BilinearOf<F> MakeBilinear(F py, F px, int64_t h, int64_t w) {
+  BilinearOf<F> b;
+  b.poison = (py != py || px != px) ? std::numeric_limits<F>::quiet_NaN() : F(0);
+  b.ly = F(0);
+  b.lx = F(0);
   for (int i = 0; i < 4; ++i) {
     b.corner[i] = 0;
-    b.valid[i] = 0.f;
+    b.valid[i] = F(0);
   }
-  if (!(py > -1.f && py < static_cast<float>(h) && px > -1.f &&
-        px < static_cast<float>(w))) {
+  if (!(py > F(-1) && py < static_cast<F>(h) && px > F(-1) &&
+        px < static_cast<F>(w))) {
     return b;
   }
-  const float fy = floorf(py);
-  const float fx = floorf(px);
+  const F fy = FloorOf(py);
+  const F fx = FloorOf(px);
   const int64_t y0 = static_cast<int64_t>(fy);
   const int64_t x0 = static_cast<int64_t>(fx);
   b.ly = py - fy;
@@ -74,16 +82,17 @@ DEFORM_HD Bilinear MakeBilinear(float py, float px, int64_t h, int64_t w) {
   b.corner[1] = y0c * w + x1c;
   b.corner[2] = y1c * w + x0c;
   b.corner[3] = y1c * w + x1c;
-  b.valid[0] = (y0_in && x0_in) ? 1.f : 0.f;
-  b.valid[1] = (y0_in && x1_in) ? 1.f : 0.f;
-  b.valid[2] = (y1_in && x0_in) ? 1.f : 0.f;
-  b.valid[3] = (y1_in && x1_in) ? 1.f : 0.f;
+  b.valid[0] = (y0_in && x0_in) ? F(1) : F(0);
+  b.valid[1] = (y0_in && x1_in) ? F(1) : F(0);
+  b.valid[2] = (y1_in && x0_in) ? F(1) : F(0);
+  b.valid[3] = (y1_in && x1_in) ? F(1) : F(0);
   return b;
 }
 
 // Interpolation weights of the four corners (zero outside the image).
-DEFORM_HD void CornerWeights(const Bilinear& b, float wgt[4]) {
-  const float hy = 1.f - b.ly, hx = 1.f - b.lx;
+template <typename F>
+DEFORM_HD void CornerWeights(const BilinearOf<F>& b, F wgt[4]) {
+  const F hy = F(1) - b.ly, hx = F(1) - b.lx;
   wgt[0] = hy * hx * b.valid[0];
   wgt[1] = hy * b.lx * b.valid[1];
   wgt[2] = b.ly * hx * b.valid[2];
@@ -91,8 +100,9 @@ DEFORM_HD void CornerWeights(const Bilinear& b, float wgt[4]) {
 }
 
 // d(weight)/dy and d(weight)/dx of the four corners.
-DEFORM_HD void CornerWeightGrads(const Bilinear& b, float dy[4], float dx[4]) {
-  const float hy = 1.f - b.ly, hx = 1.f - b.lx;
+template <typename F>
+DEFORM_HD void CornerWeightGrads(const BilinearOf<F>& b, F dy[4], F dx[4]) {
+  const F hy = F(1) - b.ly, hx = F(1) - b.lx;
   dy[0] = -hx * b.valid[0];
   dy[1] = -b.lx * b.valid[1];
   dy[2] = hx * b.valid[2];
@@ -104,11 +114,11 @@ DEFORM_HD void CornerWeightGrads(const Bilinear& b, float dy[4], float dx[4]) {
 }
 
 // Sample position of tap (i, j) at output pixel (oy, ox), offset (dy, dx).
+template <typename F>
 DEFORM_HD void SamplePosition(const ConvShape& s, int64_t oy, int64_t ox,
-                              int64_t i, int64_t j, float dy, float dx,
-                              float* py, float* px) {
-  *py = static_cast<float>(oy * s.stride_h - s.pad_h + i * s.dil_h) + dy;
-  *px = static_cast<float>(ox * s.stride_w - s.pad_w + j * s.dil_w) + dx;
+                              int64_t i, int64_t j, F dy, F dx, F* py, F* px) {
+  *py = static_cast<F>(oy * s.stride_h - s.pad_h + i * s.dil_h) + dy;
+  *px = static_cast<F>(ox * s.stride_w - s.pad_w + j * s.dil_w) + dx;
 }
 
 // Offsets are laid out [g][k][(dy, dx)] along the last axis, masks [g][k].

@@ -5,6 +5,7 @@
 #define JAX_DEFORM_FFI_SHAPES_H_
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "deform_math.h"
@@ -58,6 +59,22 @@ inline ffi::Error MakeConvShape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& o
   return ffi::Error::Success();
 }
 
+// The gradients' element type: float64 for float64 operands, else float32.
+inline ffi::DataType GradType(ffi::DataType operand) {
+  return operand == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+}
+
+// Checks that the backward's gradient results have GradType(x).
+inline ffi::Error CheckGradTypes(ffi::DataType x, std::initializer_list<ffi::DataType> grads) {
+  for (ffi::DataType g : grads) {
+    if (g != GradType(x)) {
+      return ffi::Error::InvalidArgument(
+          "deform_conv2d: gradients must be float64 for float64 operands, else float32");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_deform
 
 // The attributes every handler takes, in one place.
@@ -67,7 +84,8 @@ inline ffi::Error MakeConvShape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& o
 
 // Operands and results shared by the CPU and CUDA bindings (after their
 // platform context): forward (x, offset, mask, weight, bias) -> y; backward
-// (x, offset, mask, weight, grad_y) -> float32 grads of x, offset, mask, weight.
+// (x, offset, mask, weight, grad_y) -> grads of x, offset, mask, weight (float32;
+// float64 for float64 operands).
 // An absent mask or bias is an empty buffer.
 #define JAX_DEFORM_FORWARD_SIGNATURE                                           \
   Arg<xla::ffi::AnyBuffer>()                                                   \
@@ -83,9 +101,9 @@ inline ffi::Error MakeConvShape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& o
       .Arg<xla::ffi::AnyBuffer>()                                              \
       .Arg<xla::ffi::AnyBuffer>()                                              \
       .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                                  \
-      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                                  \
-      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                                  \
-      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+      .Ret<xla::ffi::AnyBuffer>()                                              \
+      .Ret<xla::ffi::AnyBuffer>()                                              \
+      .Ret<xla::ffi::AnyBuffer>()                                              \
+      .Ret<xla::ffi::AnyBuffer>()
 
 #endif  // JAX_DEFORM_FFI_SHAPES_H_

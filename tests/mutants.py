@@ -62,12 +62,12 @@ MUTANTS = [
            "  wgt[1] = hx * b.ly * b.valid[1];\n  wgt[2] = b.lx * hy * b.valid[2];",
            (FORWARD, "-k", "cpu")),
     Mutant("grad_weight: mask multiply dropped", "lib/cpu_kernels.cc",
-           "float* wp = wpart + k * cm;\n"
+           "A* wp = wpart + k * cm;\n"
            "            for (int64_t c = 0; c < count; ++c) {\n"
-           "              const float v = t.mask * val[c];",
-           "float* wp = wpart + k * cm;\n"
+           "              const A v = t.mask * val[c];",
+           "A* wp = wpart + k * cm;\n"
            "            for (int64_t c = 0; c < count; ++c) {\n"
-           "              const float v = val[c];",
+           "              const A v = val[c];",
            (GRADIENTS, "-k", "cpu")),
     Mutant("SAME: extra pad on top/left instead of bottom/right", "jax_deform/_params.py",
            "pads.append((total // 2, total - total // 2))",
@@ -96,7 +96,7 @@ MUTANTS = [
            "grad_offset[oi + 1] = t.mask * sum_dx;", "grad_offset[oi + 1] = sum_dx;",
            (GRADIENTS, "-k", "cpu")),
     Mutant("grad_x not multiplied by the mask", "lib/cpu_kernels.cc",
-           "const float w = t.mask * t.wgt[i];", "const float w = t.wgt[i];",
+           "const A w = t.mask * t.wgt[i];", "const A w = t.wgt[i];",
            (GRADIENTS, "-k", "cpu")),
     Mutant("grad_weight skips the first image", "lib/cpu_kernels.cc",
            "for (int64_t n = 0; n < s.n; ++n) sum += weight_partial",
@@ -114,8 +114,8 @@ MUTANTS = [
            (HALF, "-k", "cpu")),
     # ---- Python side
     Mutant("grad_bias summed over the first image only", "jax_deform/_autodiff.py",
-           "jnp.sum(grad_y.astype(jnp.float32), axis=(0, 1, 2))",
-           "jnp.sum(grad_y[:1].astype(jnp.float32), axis=(0, 1, 2))",
+           "jnp.sum(grad_y.astype(accum_dtype(x.dtype)), axis=(0, 1, 2))",
+           "jnp.sum(grad_y[:1].astype(accum_dtype(x.dtype)), axis=(0, 1, 2))",
            (GRADIENTS, "-k", "cpu")),
     Mutant("vmap of grad: grad_mask's batch order reversed", "jax_deform/_batching.py",
            "out.append(_unfold_last(grad_mask, size))",

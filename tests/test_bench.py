@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from jax_deform import bench
+from jax_deform._primitives import BACKWARD_TARGET, FORWARD_TARGET
 
 CALLS = 3
 CASES = [bench.Case(2, 9, 11, 16), bench.Case(1, 12, 12, 8, kernel=5, stride=2)]
@@ -26,8 +27,8 @@ def test_one_kernel_call_per_timed_call(case, backward):
     fn = bench.with_backward(fn) if backward else fn
     compiled = bench.compile_distinct(fn, _sets(case, CALLS))
     ops = bench.heavy_ops(compiled.as_text())
-    assert ops["jax_deform_forward"] == CALLS
-    assert ops["jax_deform_backward"] == (CALLS if backward else 0)
+    assert ops[FORWARD_TARGET] == CALLS
+    assert ops[BACKWARD_TARGET] == (CALLS if backward else 0)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -43,7 +44,7 @@ def test_identical_calls_are_merged_and_refused(case):
     bench fell for), and the bench refuses to time such a program."""
     sets = _sets(case, CALLS)
     reuse = jax.jit(lambda sets: [bench.ours(case)(**sets[0]) for _ in range(CALLS)])
-    assert bench.heavy_ops(reuse.lower(sets).compile().as_text())["jax_deform_forward"] == 1
+    assert bench.heavy_ops(reuse.lower(sets).compile().as_text())[FORWARD_TARGET] == 1
 
     def ignores_its_inputs(**unused):
         return bench.ours(case)(**sets[0])
