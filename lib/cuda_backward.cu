@@ -421,8 +421,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   auto* partial = static_cast<A*>(scratch);
   cudaError_t err;
   if (gather) {
-    // The gather only reads offsets, mask, weight and grad_y: it goes first so
-    // that it can overlap nothing but also waits on nothing.
+    // The gather writes every element of grad_x; the atomics add into a cleared one.
     err = GradXByGather(stream, DtypeOf<T>(), s, offset, mask, weight, grad_y, grad_x,
                         static_cast<unsigned char*>(scratch) + WeightPartialBytes(s, p, sizeof(A)));
   } else {
