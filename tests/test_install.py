@@ -171,3 +171,11 @@ def test_package_is_the_installed_one():
     assert source not in package.parents, package
     assert "site-packages" in package.parts
     assert pathlib.Path(jax_deform.build_config()["extension"]).parent == package
+
+
+@pytest.mark.skipif("JAX_DEFORM_EXPECT_ARCHITECTURES" not in os.environ,
+                    reason="set by CI's installed-package run: what it built")
+def test_installed_build_carries_the_expected_architectures():
+    expect = [a for a in os.environ["JAX_DEFORM_EXPECT_ARCHITECTURES"].split(",") if a]
+    assert jax_deform.build_config()["cuda_architectures"] == expect
+    assert ("cuda" in jax_deform.kernel_platforms()) == bool(expect)
