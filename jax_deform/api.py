@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jax_deform import _batching  # noqa: F401  (registers the vmap rules)
-from jax_deform import reference
+from jax_deform import _config, reference
 from jax_deform._autodiff import deform_conv2d_ffi
 from jax_deform._layout import from_nhwc, to_nhwc
 from jax_deform._params import (
@@ -25,7 +25,8 @@ from jax_deform._primitives import KERNEL_PLATFORMS, TARGETS
 
 
 def kernel_platforms() -> frozenset[str]:
-    """Platforms ("cpu", "cuda") for which compiled kernels are registered."""
+    """Platforms ("cpu", "cuda") for which compiled kernels are registered.
+    `jax_deform.show_config()` tells dtypes and CUDA architectures too."""
     return KERNEL_PLATFORMS
 
 
@@ -117,6 +118,8 @@ def deform_conv2d(
     """
     check_implementation(implementation)
     check_deterministic(deterministic)
+    if implementation in (None, "auto"):
+        _config.warn_once_if_gpu_lacks_kernels()
     params, layout = check_arguments(
         x, offset, weight, mask, bias, stride, padding, dilation, data_format
     )

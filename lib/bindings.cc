@@ -9,6 +9,14 @@
 #include "cuda_kernels.h"
 #endif
 
+// Set by CMakeLists.txt for CUDA builds.
+#ifndef JAX_DEFORM_CUDA_ARCHITECTURES
+#define JAX_DEFORM_CUDA_ARCHITECTURES ""
+#endif
+#ifndef JAX_DEFORM_CUDA_COMPILER_VERSION
+#define JAX_DEFORM_CUDA_COMPILER_VERSION ""
+#endif
+
 namespace nb = nanobind;
 
 namespace {
@@ -44,6 +52,14 @@ NB_MODULE(_jax_deform, m) {
 #endif
     return out;
   }, "Maps platform name -> {FFI target name: handler capsule}.");
+  m.def("build_info", []() {
+    // Set by CMakeLists.txt from the architecture list the CUDA code was
+    // compiled for: "sm_XY" is SASS, "compute_XY" PTX, comma-separated.
+    nb::dict info;
+    info["cuda_architectures"] = std::string(JAX_DEFORM_CUDA_ARCHITECTURES);
+    info["cuda_compiler_version"] = std::string(JAX_DEFORM_CUDA_COMPILER_VERSION);
+    return info;
+  }, "What this build carries: CUDA architectures and the nvcc version (empty without CUDA).");
 #ifdef JAX_DEFORM_WITH_CUDA
   m.def(
       "cuda_backward_workspace_bytes",
