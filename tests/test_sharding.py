@@ -97,7 +97,7 @@ def collectives(hlo: str) -> set[str]:
 
 def kernel_x_shapes(hlo: str) -> set[tuple[int, ...]]:
     """The x operand shapes the forward and backward kernels run on."""
-    found = re.findall(r'custom_call_target="jax_deform_(?:forward|backward)", '
+    found = re.findall(r'custom_call_target="jax_deform_(?:forward|backward)(?:_v\d+)?", '
                        r"operand_layout_constraints=\{f32\[([\d,]+)\]", hlo)
     return {tuple(int(d) for d in s.split(",")) for s in found}
 
