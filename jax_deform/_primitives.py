@@ -102,6 +102,7 @@ def _forward_fallback(x, offset, mask, weight, bias, *, params: ConvParams):
 # mode) has no kernel yet and lowers to the jvp of the pure-jnp reference.
 
 tangent_p = Primitive("deform_conv2d_tangent")
+tangent_p.def_impl(_impl(tangent_p))
 
 
 def _tangent_abstract_eval(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot,
@@ -128,16 +129,6 @@ def _tangent_fallback(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weig
                                params, layout)
 
     return jax.jvp(f, (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot))[1]
-
-
-@functools.lru_cache(maxsize=None)
-def _tangent_jitted(**params):
-    return jax.jit(functools.partial(_tangent_fallback, **params))
-
-
-# Outside jit: the fallback itself (the partitioned lowering below is for jit,
-# where XLA knows the devices).
-tangent_p.def_impl(lambda *args, **params: _tangent_jitted(**params)(*args))
 
 
 # ---------------------------------------------------------------- backward
@@ -296,8 +287,6 @@ def _fallback_lowering(fallback, multiple_results):
 
 mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
 # Every platform, implementation='ffi' included: there is no tangent kernel yet
-# (README, "What composes"). Split over a mesh as the forward is, so that it
-# stays shard-local (XLA's own split of the reference's gathers is not).
-mlir.register_lowering(tangent_p, mlir.lower_fun(
-    _sharding.partitioned_tangent(_tangent_fallback), multiple_results=False))
+# (README, "What composes").
+mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_fallback, multiple_results=False))
 mlir.register_lowering(backward_p, _fallback_lowering(_backward_fallback, True))

@@ -306,18 +306,6 @@ def _forward_rule(params, layout, has_mask, has_bias, mesh, operand_types, resul
     return rule, _rule_kwargs(rule, r)
 
 
-def _tangent_rule(params, deterministic, layout, has_mask, mesh, operand_types, result_types):
-    """The forward's rule, each tangent split as its primal."""
-    del params, deterministic, operand_types, result_types
-    r = _Rule()
-    c, cm, off, msk = _channel_dims(r, layout, mesh)
-    operands = (r.array("n", "h", "w", c), r.array("n", "ho", "wo", off),
-                r.array("n", "ho", "wo", msk) if has_mask else "nomask",
-                r.array("kh", "kw", "one", cm))
-    rule = " , ".join(operands * 2) + " -> " + r.array("n", "ho", "wo", cm)
-    return rule, _rule_kwargs(rule, r)
-
-
 def _backward_rule(params, deterministic, layout, has_mask, partials, mesh, operand_types,
                    result_types):
     del params, deterministic, operand_types, result_types
@@ -382,45 +370,6 @@ def partitioned_forward(kernel: Callable) -> Callable:
                        mask.size > 0, bias.size > 0)
 
     return forward
-
-
-def partitioned_tangent(tangent: Callable) -> Callable:
-    """Wraps `tangent(x, offset, mask, weight, x_dot, offset_dot, mask_dot,
-    weight_dot, params=..., deterministic=...)` so that XLA runs it per shard,
-    split as the forward is (the tangents as their primals)."""
-
-    def call(*args):
-        *operands, params, deterministic, layout, has_mask = args
-        del layout, has_mask
-        return tangent(*operands, params=params, deterministic=deterministic)
-
-    def shardings(p: Plan, mesh, has_mask):
-        args = (p.x(), p.offset(), p.mask(has_mask), p.weight()) * 2
-        return _named(mesh, args), NamedSharding(mesh, p.y())
-
-    def infer(params, deterministic, layout, has_mask, mesh, arg_shapes, result_shape):
-        del params, deterministic, result_shape
-        return shardings(_mesh_plan(mesh, arg_shapes, layout), mesh, has_mask)[1]
-
-    def partition(params, deterministic, layout, has_mask, mesh, arg_shapes, result_shape):
-        del result_shape
-        args, out = shardings(_mesh_plan(mesh, arg_shapes, layout), mesh, has_mask)
-
-        def local(*operands):
-            return tangent(*operands, params=params, deterministic=deterministic)
-
-        return mesh, local, out, args
-
-    wrapped = custom_partitioning(call, static_argnums=(8, 9, 10, 11))
-    wrapped.def_partition(partition, infer_sharding_from_operands=infer,
-                          sharding_rule=_tangent_rule)
-
-    def run(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot, *, params,
-            deterministic):
-        return wrapped(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot,
-                       params, deterministic, layout_of(x, offset, weight), mask.size > 0)
-
-    return run
 
 
 def _explicit_axes_current() -> bool:
