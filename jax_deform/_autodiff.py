@@ -10,10 +10,11 @@
 * Forward mode (`jax.jvp`, `jax.linearize`, `jax.jacfwd`) evaluates
   `tangent_p`, for which no kernel exists yet: it lowers to the jvp of the
   pure-jnp reference (see _primitives).
-* Second order: `tangent_p` and the backward (a custom JVP around the backward
-  kernel) have JVP rules whose second-order terms are the pure-jnp reference
-  differentiated twice; what stays linear in a tangent or cotangent keeps
-  running on the kernels. First-order code never reaches those rules.
+* Second order: `tangent_p` has a JVP rule: in the tangents it is tangent_p
+  again (so it still transposes to the backward kernel), in the primals the
+  pure-jnp reference differentiated twice. The backward is a custom JVP around
+  the backward kernel whose tangent is the pure-jnp reference's vjp
+  differentiated. First-order code never reaches those rules.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.interpreters import ad
 
 from jax_deform import _batching, _sharding, reference
@@ -46,7 +46,7 @@ def _vary_together(*operands):
     """Inside shard_map, makes every operand vary over the manual axes any of
     them varies over, as jax does for its own primitives. The cast's
     transpose then sums, e.g., a replicated weight's gradient over the shards,
-    and the backward's results have the types custom_vjp expects."""
+    and the backward's results have the types of the tangents they transpose."""
     axes = frozenset().union(*(varying_axes(jax.typeof(a)) for a in operands if a is not None))
     if not axes:
         return operands
