@@ -1,5 +1,21 @@
-"""Gradients of the FFI path: a custom VJP whose backward is one kernel call
-(grad_x, grad_offset, grad_mask, grad_weight); grad_bias is a plain sum."""
+"""Derivatives of the FFI path, forward and reverse mode, any order.
+
+* The op is a custom JVP: y comes from the forward kernel, y_dot from
+  `tangent_p`, a primitive linear in the tangents of x, offset, mask and
+  weight (the bias' tangent is added outside).
+* Reverse mode is linearize + transpose: the transpose of `tangent_p` is ONE
+  backward kernel call giving grad_x, grad_offset, grad_mask and grad_weight
+  (grad_bias is a sum over the cotangent), so `jax.grad` runs one forward and
+  one backward kernel, and never evaluates `tangent_p`.
+* Forward mode (`jax.jvp`, `jax.linearize`, `jax.jacfwd`) evaluates
+  `tangent_p`, for which no kernel exists yet: it lowers to the jvp of the
+  pure-jnp reference (see _primitives).
+* Second order: `tangent_p` has a JVP rule: in the tangents it is tangent_p
+  again (so it still transposes to the backward kernel), in the primals the
+  pure-jnp reference differentiated twice. The backward is a custom JVP around
+  the backward kernel whose tangent is the pure-jnp reference's vjp
+  differentiated. First-order code never reaches those rules.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +23,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.interpreters import ad
 
-from jax_deform import _batching, _sharding
-from jax_deform._params import ConvParams, accum_dtype
-from jax_deform._primitives import backward_p, empty_like_absent, forward_p, varying_axes
+from jax_deform import _batching, _sharding, reference
+from jax_deform._params import ConvParams, accum_dtype, layout_of
+from jax_deform._primitives import (backward_p, empty_like_absent, forward_p, tangent_p,
+                                    varying_axes)
 
 # The kernels as XLA sees them: split over a mesh by the rules in _sharding,
 # vmappable by the rules in _batching.
@@ -28,7 +46,7 @@ def _vary_together(*operands):
     """Inside shard_map, makes every operand vary over the manual axes any of
     them varies over, as jax does for its own primitives. The cast's
     transpose then sums, e.g., a replicated weight's gradient over the shards,
-    and the backward's results have the types custom_vjp expects."""
+    and the backward's results have the types of the tangents they transpose."""
     axes = frozenset().union(*(varying_axes(jax.typeof(a)) for a in operands if a is not None))
     if not axes:
         return operands
@@ -44,7 +62,7 @@ def _vary_together(*operands):
     return tuple(None if a is None else cast(a) for a in operands)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
 def _deform_conv2d(x, offset, mask, weight, bias, params: ConvParams, deterministic: bool):
     return _forward_call(
         x, offset, empty_like_absent(mask, x.dtype), weight,
@@ -52,27 +70,110 @@ def _deform_conv2d(x, offset, mask, weight, bias, params: ConvParams, determinis
     )
 
 
-def _forward(x, offset, mask, weight, bias, params, deterministic):
+@_deform_conv2d.defjvp
+def _deform_conv2d_jvp(params, deterministic, primals, tangents):
+    """y by the forward kernel; y_dot by tangent_p, linear in the tangents,
+    whose transpose is the backward kernel (so reverse mode = one forward and
+    one backward kernel); the bias' tangent is added outside."""
+    x, offset, mask, weight, bias = primals
+    x_dot, offset_dot, mask_dot, weight_dot, bias_dot = tangents
     y = _deform_conv2d(x, offset, mask, weight, bias, params, deterministic)
-    return y, (x, offset, mask, weight, bias)
-
-
-def _backward(params, deterministic, residuals, grad_y):
-    x, offset, mask, weight, bias = residuals
-    grad_x, grad_offset, grad_mask, grad_weight = _backward_call(
-        x, offset, empty_like_absent(mask, x.dtype), weight, grad_y.astype(x.dtype),
-        params, deterministic,
+    y_dot = tangent_p.bind(
+        x, offset, empty_like_absent(mask, x.dtype), weight,
+        x_dot, offset_dot, empty_like_absent(mask_dot, x.dtype), weight_dot,
+        params=params, deterministic=deterministic,
     )
-    grad_bias = None
     if bias is not None:
-        grad_bias = jnp.sum(grad_y.astype(accum_dtype(x.dtype)), axis=(0, 1, 2)).astype(bias.dtype)
-    return (
-        grad_x.astype(x.dtype),
-        grad_offset.astype(offset.dtype),
-        None if mask is None else grad_mask.astype(mask.dtype),
-        grad_weight.astype(weight.dtype),
-        grad_bias,
+        y_dot = _add_bias(y_dot, bias_dot)
+    return y, y_dot
+
+
+def _add_bias(y, bias):
+    """y + bias in the kernels' accumulation type: its transpose, grad_bias, is
+    then summed over (N, Ho, Wo) in float32 (float64), not in a 16-bit type."""
+    acc = accum_dtype(y.dtype)
+    return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
+
+
+# ------------------------------------------------------- tangent_p: transpose, jvp
+
+
+def _tangent_transpose(ct, x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot,
+                       *, params, deterministic):
+    """Cotangents of the four tangents: one backward kernel call."""
+    primals, dots = (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot)
+    if any(ad.is_undefined_primal(a) for a in primals):
+        raise ValueError("deform_conv2d's tangent is linear in the tangents only")
+    if type(ct) is ad.Zero:
+        return [None] * 8
+    grads = _backward(x, offset, mask, weight, ct, params, deterministic)
+    return [None] * 4 + [g if ad.is_undefined_primal(d) else None for g, d in zip(grads, dots)]
+
+
+def _tangent_jvp(primals, tangents, *, params, deterministic):
+    """d(tangent) = tangent_p at the new tangents (linear part, transposes to
+    the backward kernel) + the second-order term in the primals' tangents,
+    which has no kernel: the jvp of the pure-jnp reference's jvp."""
+    out = tangent_p.bind(*primals, params=params, deterministic=deterministic)
+    p, d = primals[:4], primals[4:]
+    p_dot, d_dot = tangents[:4], tangents[4:]
+    terms = []
+    if any(type(t) is not ad.Zero for t in d_dot):
+        terms.append(tangent_p.bind(*p, *map(ad.instantiate_zeros, d_dot), params=params,
+                                    deterministic=deterministic))
+    if any(type(t) is not ad.Zero for t in p_dot):
+        f = _reference(params, *p)
+
+        def tangent(*p):
+            return jax.jvp(f, p, d)[1]
+
+        terms.append(jax.jvp(tangent, p, tuple(map(ad.instantiate_zeros, p_dot)))[1])
+    return out, functools.reduce(jnp.add, terms)
+
+
+ad.primitive_jvps[tangent_p] = _tangent_jvp
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+
+
+# ----------------------------------------------------------------- the backward
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _backward(x, offset, mask, weight, grad_y, params: ConvParams, deterministic: bool):
+    """(grad_x, grad_offset, grad_mask, grad_weight) in the operands' dtypes, by
+    the backward kernel; an absent mask is an empty array, and so its gradient."""
+    grad_x, grad_offset, grad_mask, grad_weight = _backward_call(
+        x, offset, mask, weight, grad_y.astype(x.dtype), params, deterministic,
     )
+    return (grad_x.astype(x.dtype), grad_offset.astype(offset.dtype),
+            grad_mask.astype(mask.dtype), grad_weight.astype(weight.dtype))
 
 
-_deform_conv2d.defvjp(_forward, _backward)
+@_backward.defjvp
+def _backward_jvp(params, deterministic, primals, tangents):
+    """Second order (grad of grad, hvp): the gradients by the kernel, their
+    tangent by differentiating the pure-jnp reference's vjp. Written in jnp, it
+    transposes and differentiates further like any jnp code."""
+    x, offset, mask, weight, _ = primals
+    out = _backward(*primals, params, deterministic)
+    f = _reference(params, x, offset, mask, weight)
+
+    def grads(x, offset, mask, weight, grad_y):
+        _, vjp = jax.vjp(f, x, offset, mask, weight)
+        return tuple(g.astype(a.dtype) for g, a in zip(vjp(grad_y.astype(x.dtype)),
+                                                       (x, offset, mask, weight)))
+
+    return out, jax.jvp(grads, primals, tangents)[1]
+
+
+def _reference(params, x, offset, mask, weight):
+    """The pure-jnp computation f(x, offset, mask, weight) (no bias) for
+    operands shaped like these; an empty mask stands for none."""
+    layout = layout_of(x, offset, weight)
+    has_mask = mask.size > 0
+
+    def f(x, offset, mask, weight):
+        return reference.deform_conv2d_nhwc(x, offset, weight, mask if has_mask else None,
+                                            None, params, layout)
+
+    return f

@@ -7,6 +7,9 @@ kernels already loop over, so vmap costs one kernel launch, never a loop.
   Depthwise channels are independent, and giving each batch element its own
   offset groups (G' = B*G) keeps every channel reading its own offsets.
 
+The tangent primitive (forward mode) folds as the forward does, each tangent
+with its primal.
+
 The same folding serves the primitives and the partitioned calls that wrap
 them (custom_vmap), so a vmapped call stays one partitioned kernel call.
 """
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.interpreters import batching
 
-from jax_deform._primitives import backward_p, forward_p
+from jax_deform._primitives import backward_p, forward_p, tangent_p
 
 
 def _batch_first(a, dim, size):
@@ -102,6 +105,24 @@ def _backward_folded(call, args, dims, size):
     return out, out_dims
 
 
+def _tangent_folded(call, args, dims, size):
+    """As _forward_folded, for call(x, offset, mask, weight, x_dot, offset_dot,
+    mask_dot, weight_dot): each tangent folds as its primal does."""
+    into_channels = dims[3] is not None or dims[7] is not None  # a weight is batched
+    fold = _fold_into_last if into_channels else _fold_into_n
+
+    def folded(i, a, d):
+        role = i % 4  # x, offset, mask, weight
+        if role == 3 and not into_channels:
+            return a
+        return _optional(a, d, fold, size) if role == 2 else fold(a, d, size)
+
+    y = call(*(folded(i, a, d) for i, (a, d) in enumerate(zip(args, dims))))
+    if into_channels:
+        return _unfold_last(y, size), 3
+    return y.reshape((size, y.shape[0] // size) + y.shape[1:]), 0
+
+
 def _forward_batch(args, dims, *, params):
     call = functools.partial(_bind_forward, params=params)
     return _forward_folded(call, args, dims, _batch_size(args, dims))
@@ -119,7 +140,15 @@ def _backward_batch(args, dims, *, params, deterministic, partials):
     return _backward_folded(call, args, dims, _batch_size(args, dims))
 
 
+def _tangent_batch(args, dims, *, params, deterministic):
+    def call(*a):
+        return tangent_p.bind(*a, params=params, deterministic=deterministic)
+
+    return _tangent_folded(call, args, dims, _batch_size(args, dims))
+
+
 batching.primitive_batchers[forward_p] = _forward_batch
+batching.primitive_batchers[tangent_p] = _tangent_batch
 batching.primitive_batchers[backward_p] = _backward_batch
 
 

@@ -94,6 +94,43 @@ def _forward_fallback(x, offset, mask, weight, bias, *, params: ConvParams):
                            params, layout_of(x, offset, weight))
 
 
+# ---------------------------------------------------------------- tangent
+
+# The forward's tangent: linear in (x_dot, offset_dot, mask_dot, weight_dot),
+# which follow x, offset, mask and weight. Its transpose (in _autodiff) is the
+# backward kernel, so reverse mode never evaluates it; evaluating it (forward
+# mode) has no kernel yet and lowers to the jvp of the pure-jnp reference.
+
+tangent_p = Primitive("deform_conv2d_tangent")
+tangent_p.def_impl(_impl(tangent_p))
+
+
+def _tangent_abstract_eval(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot,
+                           *, params: ConvParams, deterministic: bool):
+    del params, deterministic
+    n, _, _, _ = x.shape
+    _, ho, wo, _ = offset.shape
+    operands = (x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot)
+    return _result_like(operands, (n, ho, wo, weight.shape[3]), x.dtype,
+                        _sharding.forward_output_sharding(x, offset, weight))
+
+
+tangent_p.def_abstract_eval(_tangent_abstract_eval)
+
+
+def _tangent_fallback(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot, *,
+                      params: ConvParams, deterministic: bool):
+    del deterministic
+    layout = layout_of(x, offset, weight)
+    has_mask = mask.size > 0
+
+    def f(x, offset, mask, weight):
+        return _reference_nhwc(x, offset, weight, mask if has_mask else None, None,
+                               params, layout)
+
+    return jax.jvp(f, (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot))[1]
+
+
 # ---------------------------------------------------------------- backward
 
 backward_p = Primitive("deform_conv2d_backward")
@@ -249,4 +286,7 @@ def _fallback_lowering(fallback, multiple_results):
 
 
 mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
+# Every platform, implementation='ffi' included: there is no tangent kernel yet
+# (README, "What composes").
+mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_fallback, multiple_results=False))
 mlir.register_lowering(backward_p, _fallback_lowering(_backward_fallback, True))

@@ -185,8 +185,8 @@ def _leading(axes: tuple[str, ...], spec) -> P:
 def backward_output_shardings(x, offset, mask, weight, partials: Partials):
     """Shardings of (grad_x, grad_offset, grad_mask, grad_weight) in the types.
     Summed over their leading axis they are exactly those of the operands
-    (custom_vjp insists on it); the leading axis is split over the mesh axes
-    the partial sums come from, when the types say which."""
+    (the tangent's transpose must return those); the leading axis is split
+    over the mesh axes the partial sums come from, when the types say which."""
     axes_o, axes_w = _typed_reductions(x, offset, mask, weight)
     sizes = dict(x.sharding.mesh.shape)
 

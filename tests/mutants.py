@@ -114,8 +114,8 @@ MUTANTS = [
            (HALF, "-k", "cpu")),
     # ---- Python side
     Mutant("grad_bias summed over the first image only", "jax_deform/_autodiff.py",
-           "jnp.sum(grad_y.astype(accum_dtype(x.dtype)), axis=(0, 1, 2))",
-           "jnp.sum(grad_y[:1].astype(accum_dtype(x.dtype)), axis=(0, 1, 2))",
+           "return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)",
+           "return y.astype(acc).at[:1].add(bias.astype(acc)).astype(y.dtype)",
            (GRADIENTS, "-k", "cpu")),
     Mutant("vmap of grad: grad_mask's batch order reversed", "jax_deform/_batching.py",
            "            out.append(_unfold_last(g, size))\n",

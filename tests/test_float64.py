@@ -3,7 +3,8 @@ accumulated in float64, gradients returned in float64.
 
 The forward is checked against the float64 NumPy oracle at 1e-10, every
 gradient against central differences of that oracle at 1e-9, and each
-operand's gradient with jax.test_util.check_grads. Offsets sit at least
+operand's first and second derivatives, forward and reverse mode, with
+jax.test_util.check_grads. Offsets sit at least
 0.1 px from the integer lattice (tests/test_gradients.py says why), so the
 op is linear in x, mask, weight and bias and bilinear in each (dy, dx) pair
 along any check direction: central differences are exact up to rounding
@@ -106,13 +107,24 @@ def test_check_grads_first_order_reverse(rng, case, device):
         check_grads(g, (args[i],), order=1, modes=("rev",), atol=1e-9, rtol=1e-9, eps=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="grad-of-grad on the kernels is not implemented yet (issue 15, part 2)")
-def test_check_grads_second_order_needs_grad_of_grad(rng):
-    p = _off_lattice(make_problem(rng, n=1, h=4, w=4, c=2))
+def test_check_grads_second_order_forward_and_reverse(rng):
+    """Forward mode and second order (jvp of jvp, vjp of vjp, jvp of vjp) of
+    each operand with the others held fixed. Checking a vjp moves the operand
+    and the cotangent together, so the checked function is cubic along the
+    direction for the offsets: eps = 1e-5 keeps that term below 1e-9."""
+    p = _off_lattice(make_problem(rng, n=1, h=5, w=5, c=4, groups=2, multiplier=2))
     f, args = _call(p)
-    check_grads(lambda x: f(x, *args[1:]), (args[0],), order=2, modes=("rev",),
-                atol=1e-9, rtol=1e-9, eps=1e-4)
+    for i, name in enumerate(NAMES):
+        if args[i] is None:
+            continue
+
+        def g(a, i=i):
+            full = list(args)
+            full[i] = a
+            return f(*full)
+
+        check_grads(g, (args[i],), order=2, modes=("fwd", "rev"), atol=1e-9, rtol=1e-9,
+                    eps=1e-5)
 
 
 def test_gradients_are_float64_in_the_kernel_call(rng):
