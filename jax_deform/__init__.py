@@ -1,4 +1,26 @@
-"""jax-deform: fast depthwise deformable convolution for JAX and Flax."""
+"""jax-deform: fast depthwise deformable convolution for JAX and Flax.
+
+The stack a call goes through, one module per room:
+
+    api.deform_conv2d        check arguments (_params), pick the implementation,
+       |                     keep the caller's data_format (_layout)
+       |-- "xla": reference.deform_conv2d (pure jnp)
+       v
+    _autodiff                custom JVP: forward kernel for y, tangent_p for y_dot;
+       |                     grad = transpose of tangent_p = ONE backward kernel
+       v
+    _batching                vmap: fold the batch into N (or into the channels)
+       v
+    _sharding                custom_partitioning: run per shard, partial sums out
+       v
+    _primitives              forward_p / backward_p / tangent_p: abstract eval,
+       |                     lowering to the FFI targets (or the jnp fallback)
+       v
+    lib/ (_jax_deform)       C++ CPU and CUDA kernels behind XLA FFI handlers
+
+Beside it: nnx.py / linen.py (Flax layers, sharing _flax_common), viz.py,
+bench.py, _config.py (what the installed build carries).
+"""
 
 from jax_deform import reference
 from jax_deform._config import MissingKernelWarning, build_config, show_config

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jax_deform.nnx import (
+from jax_deform._flax_common import (
     LayerGeometry,
     PaddingLike,
     _pair,

@@ -343,3 +343,11 @@ def test_bad_arguments_under_jit():
     layer = DeformConv(kernel_size=(3, 3), predict_offsets=False)
     with pytest.raises(ValueError, match=r"offset has shape \(1, 7, 8, 18\) but expected"):
         jax.jit(layer.init)(jax.random.key(0), X6, jnp.zeros((1, 7, 8, 18), jnp.float32))
+
+
+def test_linen_does_not_import_flax_nnx():
+    import subprocess
+    import sys
+
+    code = "import sys, jax_deform.linen; assert 'flax.nnx' not in sys.modules, 'flax.nnx imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
