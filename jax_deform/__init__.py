@@ -16,6 +16,8 @@ The stack a call goes through, one module per room:
     _primitives              forward_p / backward_p / tangent_p: abstract eval,
        |                     lowering to the FFI targets (or the jnp fallback)
        v
+    _ffi                     the extension loaded, its versioned targets registered
+       v
     lib/ (_jax_deform)       C++ CPU and CUDA kernels behind XLA FFI handlers
 
 Beside it: nnx.py / linen.py (Flax layers, sharing _flax_common), viz.py,

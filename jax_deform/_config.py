@@ -10,12 +10,8 @@ import warnings
 import jax
 
 from jax_deform._params import KERNEL_DTYPES
-from jax_deform._primitives import KERNEL_PLATFORMS
-
-try:
-    from jax_deform import _jax_deform as _extension
-except ImportError:  # not built
-    _extension = None
+from jax_deform._ffi import KERNEL_PLATFORMS
+from jax_deform._ffi import extension as _extension
 
 
 class MissingKernelWarning(UserWarning):

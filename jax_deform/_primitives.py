@@ -1,5 +1,5 @@
-"""The JAX primitives behind deform_conv2d: abstract evaluation, lowering to the
-FFI kernels, and the registration of those kernels with XLA.
+"""The JAX primitives behind deform_conv2d: abstract evaluation and lowering to
+the FFI kernels (registered with XLA by _ffi).
 
 Operands are always NHWC. An absent mask or bias travels as an empty array
 (shape (0,)), which the kernels read as "none".
@@ -21,33 +21,8 @@ from jax_deform import _sharding
 from jax_deform._params import ConvParams, accum_dtype, layout_of
 from jax_deform.reference import deform_conv2d_nhwc as _reference_nhwc
 
-try:
-    from jax_deform import _jax_deform as _extension
-except ImportError:  # not built: every call takes the pure-jnp path
-    _extension = None
-
-# Versioned FFI target names: what a lowered (and exported) program calls.
-# README "Saving and exporting" states the compatibility promise; a change of
-# operands, results, attributes or meaning gets a new version, and the old
-# name stays registered.
-FORWARD_TARGET = "jax_deform_forward_v1"
-BACKWARD_TARGET = "jax_deform_backward_v1"
-TARGETS = (FORWARD_TARGET, BACKWARD_TARGET)
-
-
-def _register_targets() -> frozenset[str]:
-    if _extension is None:
-        return frozenset()
-    platforms = set()
-    for platform, targets in _extension.registrations().items():
-        for name, capsule in targets.items():
-            jax.ffi.register_ffi_target(name, capsule, platform=platform)
-        platforms.add(platform.lower())
-    return frozenset(platforms)
-
-
-#: Lower-case platform names ("cpu", "cuda") that have compiled kernels.
-KERNEL_PLATFORMS: frozenset[str] = _register_targets()
+from jax_deform._ffi import (BACKWARD_TARGET, FORWARD_TARGET, KERNEL_PLATFORMS,
+                             cuda_backward_workspace_bytes)
 
 
 def empty_like_absent(value, dtype):
@@ -234,9 +209,7 @@ def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, det
     dtype = jnp.dtype(ctx.avals_in[0].dtype).name
 
     def nbytes(n):
-        return int(_extension.cuda_backward_workspace_bytes(
-            n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
-            layout.groups, layout.multiplier, dtype, bool(deterministic)))
+        return cuda_backward_workspace_bytes(n, layout, dtype, deterministic)
 
     workspace = jax.core.ShapedArray((workspace_size(nbytes, layout.n),), jnp.uint8)
     return _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,

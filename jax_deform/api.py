@@ -21,7 +21,7 @@ from jax_deform._params import (
     check_deterministic,
     check_implementation,
 )
-from jax_deform._primitives import KERNEL_PLATFORMS, TARGETS
+from jax_deform._ffi import KERNEL_PLATFORMS, TARGETS
 
 
 def kernel_platforms() -> frozenset[str]:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_deform
 from jax_deform import bench, reference
-from jax_deform._primitives import BACKWARD_TARGET, FORWARD_TARGET
+from jax_deform._ffi import BACKWARD_TARGET, FORWARD_TARGET
 from tests.helpers import make_problem, rel_err
 from tests.sharding_checks import callback_sees_mesh
 from tests.test_sharding import kernel_x_shapes

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from jax_deform import bench
-from jax_deform._primitives import BACKWARD_TARGET, FORWARD_TARGET
+from jax_deform._ffi import BACKWARD_TARGET, FORWARD_TARGET
 
 CALLS = 3
 CASES = [bench.Case(2, 9, 11, 16), bench.Case(1, 12, 12, 8, kernel=5, stride=2)]
