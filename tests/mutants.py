@@ -80,7 +80,7 @@ MUTANTS = [
            "std::fill(val.begin(), val.end(), t.b.poison);",
            "std::fill(val.begin(), val.end(), 0.f);",
            (HOSTILE_BACKWARD, "-k", "cpu")),
-    Mutant("Flax mask = 1 + tanh(logits) instead of 2 * sigmoid(logits)", "jax_deform/nnx.py",
+    Mutant("Flax mask = 1 + tanh(logits) instead of 2 * sigmoid(logits)", "jax_deform/_flax_common.py",
            "mask = 2.0 * jax.nn.sigmoid(pred[..., n_off:])",
            "mask = 1.0 + jnp.tanh(pred[..., n_off:])",
            ("tests/test_nnx.py", "tests/test_linen.py", "-k", "sigmoid")),
