@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-GPU check in one go on a machine with >= 2 GPUs (about 3 minutes on 16 cores):
-#   bash benchmarks/multi_gpu_run.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else ./multi_gpu_out
+#   bash benchmarks/multi_gpu_run.sh [OUT_DIR]          # OUT_DIR defaults to ./multi_gpu_out
 # 1. builds the package with the CUDA kernels (sm_90);
 # 2. runs a minimal reproduction of the upstream problem that does not use this package
 #    (a psum inside a custom_partitioning callback under jax.set_mesh; on jax 0.11.2 with
@@ -12,7 +12,7 @@
 # Logs land in OUT_DIR: gpu.txt build.log upstream_repro.log tests.log data_parallel_*.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-multi_gpu_out}}
+out=${1:-multi_gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # Several processes share the GPUs (tests run cases side by side): no preallocation.
