@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "deform_math.h"
+
 namespace jax_deform {
 
 struct BFloat16 {
@@ -73,19 +75,6 @@ inline Float16 FromFloat<Float16>(float f) {
   r += 0xfffu + ((r >> 13) & 1u);
   return Float16{uint16_t(sign | (r >> 13))};
 }
-
-// The type a kernel computes and accumulates in for storage type T, and the
-// type of the gradients it returns: double for double, float for the rest.
-template <typename T>
-struct AccumFor {
-  using type = float;
-};
-template <>
-struct AccumFor<double> {
-  using type = double;
-};
-template <typename T>
-using Accum = typename AccumFor<T>::type;
 
 template <typename T>
 inline Accum<T> ToAccum(T v) {

@@ -30,9 +30,9 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
     BackwardKernel(ConvShape s, TileGrid tg, int lanes, bool scatter, const T* __restrict__ x,
                    const T* __restrict__ offset, const T* __restrict__ mask,
                    const T* __restrict__ weight, const T* __restrict__ grad_y,
-                   Acc<T>* __restrict__ grad_x, Acc<T>* __restrict__ grad_offset,
-                   Acc<T>* __restrict__ grad_mask, Acc<T>* __restrict__ weight_partial) {
-  using A = Acc<T>;
+                   Accum<T>* __restrict__ grad_x, Accum<T>* __restrict__ grad_offset,
+                   Accum<T>* __restrict__ grad_mask, Accum<T>* __restrict__ weight_partial) {
+  using A = Accum<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int taps = static_cast<int>(s.taps());
   const int tile_pixels = tg.pixels;
@@ -193,10 +193,10 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
     BackwardVectorKernel(ConvShape s, TileGrid tg, int lanes, bool scatter,
                          const T* __restrict__ x, const T* __restrict__ offset,
                          const T* __restrict__ mask, const T* __restrict__ weight,
-                         const T* __restrict__ grad_y, Acc<T>* __restrict__ grad_x,
-                         Acc<T>* __restrict__ grad_offset, Acc<T>* __restrict__ grad_mask,
-                         Acc<T>* __restrict__ weight_partial) {
-  using A = Acc<T>;
+                         const T* __restrict__ grad_y, Accum<T>* __restrict__ grad_x,
+                         Accum<T>* __restrict__ grad_offset, Accum<T>* __restrict__ grad_mask,
+                         Accum<T>* __restrict__ weight_partial) {
+  using A = Accum<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int taps = static_cast<int>(s.taps());
   const int tile_pixels = tg.pixels;
@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kSumCols * kSumRows)
 
 template <typename T>
 using BackwardFn = void (*)(ConvShape, TileGrid, int, bool, const T*, const T*, const T*, const T*,
-                            const T*, Acc<T>*, Acc<T>*, Acc<T>*, Acc<T>*);
+                            const T*, Accum<T>*, Accum<T>*, Accum<T>*, Accum<T>*);
 
 // acc_bytes: sizeof the type the kernels accumulate in (float; double for float64).
 size_t WeightPartialBytes(const ConvShape& s, const Plan& p, size_t acc_bytes = sizeof(float)) {
@@ -387,9 +387,9 @@ bool UseGather(const ConvShape& s, bool deterministic) {
 template <typename T>
 cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic, const T* x,
                      const T* offset, const T* mask, const T* weight, const T* grad_y,
-                     Acc<T>* grad_x, Acc<T>* grad_offset, Acc<T>* grad_mask, Acc<T>* grad_weight,
+                     Accum<T>* grad_x, Accum<T>* grad_offset, Accum<T>* grad_mask, Accum<T>* grad_weight,
                      void* scratch) {
-  using A = Acc<T>;
+  using A = Accum<T>;
   constexpr bool kWide = std::is_same_v<T, double>;
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec, kWide);
@@ -475,7 +475,7 @@ cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape
                                void* grad_weight, void* scratch) {
   return DispatchDtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    using A = Acc<T>;
+    using A = Accum<T>;
     return Backward(stream, s, deterministic, static_cast<const T*>(x),
                     static_cast<const T*>(offset), static_cast<const T*>(mask),
                     static_cast<const T*>(weight), static_cast<const T*>(grad_y),

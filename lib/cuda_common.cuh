@@ -26,19 +26,6 @@ constexpr int kMaxThreads = 256;
 constexpr int kMaxTilePixels = 64;
 constexpr size_t kGeometryBudget = 38 * 1024;  // shared memory for the tile geometry
 
-// What a kernel computes and accumulates in for element type T (and the type
-// of the gradients it writes): float, or double for double.
-template <typename T>
-struct AccFor {
-  using type = float;
-};
-template <>
-struct AccFor<double> {
-  using type = double;
-};
-template <typename T>
-using Acc = typename AccFor<T>::type;
-
 __device__ __forceinline__ float ToF(float v) { return v; }
 __device__ __forceinline__ float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
@@ -55,9 +42,9 @@ __device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
 template <>
 __device__ __forceinline__ __half FromF<__half>(float v) { return __float2half(v); }
 
-// An Acc<T> value as T.
+// An Accum<T> value as T.
 template <typename T>
-__device__ __forceinline__ T FromAcc(Acc<T> v) {
+__device__ __forceinline__ T FromAcc(Accum<T> v) {
   if constexpr (std::is_same_v<T, double>) {
     return v;
   } else {
@@ -79,7 +66,7 @@ __device__ __forceinline__ void LoadVec(const T* __restrict__ p, A (&out)[V]) {
 }
 
 template <typename T, int V>
-__device__ __forceinline__ void StoreVec(T* p, const Acc<T> (&in)[V]) {
+__device__ __forceinline__ void StoreVec(T* p, const Accum<T> (&in)[V]) {
   Pack<T, V> pack;
 #pragma unroll
   for (int i = 0; i < V; ++i) pack.v[i] = FromAcc<T>(in[i]);
@@ -120,10 +107,10 @@ struct TapGeometryOf {
 using TapGeometry = TapGeometryOf<float>;
 
 template <typename T>
-__device__ __forceinline__ TapGeometryOf<Acc<T>> MakeGeometry(
+__device__ __forceinline__ TapGeometryOf<Accum<T>> MakeGeometry(
     const ConvShape& s, const T* __restrict__ offset, const T* __restrict__ mask, int64_t pixel,
     int64_t g, int64_t k) {
-  using A = Acc<T>;
+  using A = Accum<T>;
   const int64_t ox = pixel % s.wo;
   const int64_t oy = (pixel / s.wo) % s.ho;
   const int64_t oi = OffsetIndex(s, pixel, g, k);
@@ -219,7 +206,7 @@ inline Plan MakePlan(const ConvShape& s, int max_vec, bool wide = false) {
 template <typename T>
 __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
                              const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
-                             TapGeometryOf<Acc<T>>* geom) {
+                             TapGeometryOf<Accum<T>>* geom) {
   const int taps = static_cast<int>(s.taps());
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);

@@ -26,8 +26,8 @@ struct alignas(16) ForwardTapOf {
 template <typename T>
 __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
                                 const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
-                                ForwardTapOf<Acc<T>>* taps_out) {
-  using A = Acc<T>;
+                                ForwardTapOf<Accum<T>>* taps_out) {
+  using A = Accum<T>;
   const int taps = static_cast<int>(s.taps());
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
     ForwardKernel(ConvShape s, TileGrid tg, int lanes, int vectors_per_split, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask,
                   const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
-  using A = Acc<T>;
+  using A = Accum<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
   ForwardTapOf<A>* tap_table = reinterpret_cast<ForwardTapOf<A>*>(pixel_of + ((tg.pixels + 1) & ~1));
@@ -193,7 +193,7 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec, std::is_same_v<T, double>);
   const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) +
-                      p.tile_pixels * s.taps() * sizeof(ForwardTapOf<Acc<T>>);
+                      p.tile_pixels * s.taps() * sizeof(ForwardTapOf<Accum<T>>);
   // Enough blocks for about two waves: split the channels when tiles are few.
   const int64_t vectors = s.channels_per_group() / p.vec;
   const int64_t lane_rounds = (vectors + p.lanes - 1) / p.lanes;

@@ -71,8 +71,8 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
                                    const T* __restrict__ mask, unsigned* __restrict__ counts,
                                    unsigned* __restrict__ keys,
                                    unsigned long long* __restrict__ entries,
-                                   Acc<T>* __restrict__ scales) {
-  using A = Acc<T>;
+                                   Accum<T>* __restrict__ scales) {
+  using A = Accum<T>;
   const int64_t taps = s.taps();
   const int64_t total = s.n * s.ho * s.wo * s.groups * taps;
   const int64_t hw = s.h * s.w;
@@ -112,8 +112,8 @@ template <typename T, int V, int R>
 __global__ void __launch_bounds__(kThreads)
     GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
                  const unsigned* __restrict__ starts, const unsigned long long* __restrict__ entries,
-                 const Acc<T>* __restrict__ scales, Acc<T>* __restrict__ grad_x) {
-  using A = Acc<T>;
+                 const Accum<T>* __restrict__ scales, Accum<T>* __restrict__ grad_x) {
+  using A = Accum<T>;
   const int64_t dest = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (dest >= Destinations(s)) return;
   const int lane = threadIdx.x % 32;
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int V>
 void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
                   const unsigned* starts, const unsigned long long* entries,
-                  const Acc<T>* scales, Acc<T>* grad_x) {
+                  const Accum<T>* scales, Accum<T>* grad_x) {
   const int64_t vectors = s.channels_per_group() / V;
   const int64_t blocks = (Destinations(s) + kThreads / 32 - 1) / (kThreads / 32);
   if (vectors <= 32) {
@@ -193,8 +193,8 @@ void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, cons
 
 template <typename T>
 cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, const T* mask,
-                   const T* weight, const T* grad_y, Acc<T>* grad_x, unsigned char* scratch) {
-  using A = Acc<T>;
+                   const T* weight, const T* grad_y, Accum<T>* grad_x, unsigned char* scratch) {
+  using A = Accum<T>;
   const Layout d = MakeLayout(s, std::is_same_v<A, double>);
   auto* scales = std::is_same_v<A, double> ? reinterpret_cast<A*>(scratch + d.scales) : nullptr;
   auto* counts = reinterpret_cast<unsigned*>(scratch + d.counts);
@@ -245,7 +245,7 @@ cudaError_t GradXByGather(cudaStream_t stream, Dtype dtype, const ConvShape& s, 
     using T = decltype(zero);
     return Gather(stream, s, static_cast<const T*>(offset), static_cast<const T*>(mask),
                   static_cast<const T*>(weight), static_cast<const T*>(grad_y),
-                  static_cast<Acc<T>*>(grad_x), static_cast<unsigned char*>(scratch));
+                  static_cast<Accum<T>*>(grad_x), static_cast<unsigned char*>(scratch));
   });
 }
 

@@ -16,6 +16,20 @@
 
 namespace jax_deform {
 
+// The type the CPU and CUDA kernels compute and accumulate in for storage
+// type T, and the type of the gradients they return: double for double, float
+// for the rest (float32, bfloat16, float16).
+template <typename T>
+struct AccumFor {
+  using type = float;
+};
+template <>
+struct AccumFor<double> {
+  using type = double;
+};
+template <typename T>
+using Accum = typename AccumFor<T>::type;
+
 // Geometry of a convolution; all sizes are per image (NHWC, channels last).
 struct ConvShape {
   int64_t n, h, w, c;    // input
