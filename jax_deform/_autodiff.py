@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import ad
 
-from jax_deform import _batching, _sharding, reference
-from jax_deform._params import ConvParams, accum_dtype, layout_of
-from jax_deform._primitives import (backward_p, empty_like_absent, forward_p, tangent_p,
-                                    varying_axes)
+from jax_deform import _batching, _sharding
+from jax_deform._params import ConvParams, accum_dtype
+from jax_deform._primitives import (backward_p, empty_like_absent, forward_p,
+                                    reference_without_bias, tangent_p, varying_axes)
 
 # The kernels as XLA sees them: split over a mesh by the rules in _sharding,
 # vmappable by the rules in _batching.
@@ -122,7 +122,7 @@ def _tangent_jvp(primals, tangents, *, params, deterministic):
         terms.append(tangent_p.bind(*p, *map(ad.instantiate_zeros, d_dot), params=params,
                                     deterministic=deterministic))
     if any(type(t) is not ad.Zero for t in p_dot):
-        f = _reference(params, *p)
+        f = reference_without_bias(params, *p)
 
         def tangent(*p):
             return jax.jvp(f, p, d)[1]
@@ -156,7 +156,7 @@ def _backward_jvp(params, deterministic, primals, tangents):
     transposes and differentiates further like any jnp code."""
     x, offset, mask, weight, _ = primals
     out = _backward(*primals, params, deterministic)
-    f = _reference(params, x, offset, mask, weight)
+    f = reference_without_bias(params, x, offset, mask, weight)
 
     def grads(x, offset, mask, weight, grad_y):
         _, vjp = jax.vjp(f, x, offset, mask, weight)
@@ -164,16 +164,3 @@ def _backward_jvp(params, deterministic, primals, tangents):
                                                        (x, offset, mask, weight)))
 
     return out, jax.jvp(grads, primals, tangents)[1]
-
-
-def _reference(params, x, offset, mask, weight):
-    """The pure-jnp computation f(x, offset, mask, weight) (no bias) for
-    operands shaped like these; an empty mask stands for none."""
-    layout = layout_of(x, offset, weight)
-    has_mask = mask.size > 0
-
-    def f(x, offset, mask, weight):
-        return reference.deform_conv2d_nhwc(x, offset, weight, mask if has_mask else None,
-                                            None, params, layout)
-
-    return f

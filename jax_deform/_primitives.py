@@ -34,6 +34,20 @@ def _none_if_empty(value):
     return None if value.size == 0 else value
 
 
+def reference_without_bias(params: ConvParams, x, offset, mask, weight):
+    """The pure-jnp computation f(x, offset, mask, weight) (no bias) for
+    operands shaped like these; an empty mask stands for none. The fallback
+    that lowerings and the second-order rules differentiate."""
+    layout = layout_of(x, offset, weight)
+    has_mask = mask.size > 0
+
+    def f(x, offset, mask, weight):
+        return _reference_nhwc(x, offset, weight, mask if has_mask else None, None,
+                               params, layout)
+
+    return f
+
+
 def _impl(prim: Primitive):
     @functools.lru_cache(maxsize=None)
     def jitted(**params):
@@ -96,13 +110,7 @@ tangent_p.def_abstract_eval(_tangent_abstract_eval)
 def _tangent_fallback(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot, *,
                       params: ConvParams, deterministic: bool):
     del deterministic
-    layout = layout_of(x, offset, weight)
-    has_mask = mask.size > 0
-
-    def f(x, offset, mask, weight):
-        return _reference_nhwc(x, offset, weight, mask if has_mask else None, None,
-                               params, layout)
-
+    f = reference_without_bias(params, x, offset, mask, weight)
     return jax.jvp(f, (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot))[1]
 
 
@@ -170,14 +178,8 @@ def _as_partials(ctx, value, aval_out):
 
 def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic, partials):
     del deterministic
-    layout = layout_of(x, offset, weight)
-    has_mask = mask.size > 0
-
-    def f(x, offset, mask, weight):
-        return _reference_nhwc(x, offset, weight, mask if has_mask else None, None,
-                               params, layout)
-
-    _, vjp = jax.vjp(f, x, offset, mask, weight)
+    _, vjp = jax.vjp(reference_without_bias(params, x, offset, mask, weight),
+                     x, offset, mask, weight)
     grads = [g.astype(accum_dtype(x.dtype)) for g in vjp(grad_y)]
     shapes = partials.result_shapes(x.shape, offset.shape, mask.shape, weight.shape)
     return [g if g.ndim == len(shape) else
