@@ -238,18 +238,30 @@ VMAP_AXES = [
 ]
 
 
-@pytest.mark.parametrize("in_axes", VMAP_AXES, ids=[str(a) for a in VMAP_AXES])
-def test_vmap_matches_loop(rng, device, in_axes):
-    b = 3
-    problems = [make_problem(rng, c=4, groups=2, multiplier=2) for _ in range(b)]
+def _stack_operands(problems, in_axes, device):
+    """The five operands of `problems` stacked along in_axes (the first
+    problem's operand, unstacked, where the axis is None)."""
     stacked = []
     for i, axis in enumerate(in_axes):
         parts = [pr.args(np.float32, device)[i] for pr in problems]
         stacked.append(parts[0] if axis is None else jnp.stack(parts, axis))
+    return stacked
+
+
+def _example(stacked, in_axes, j):
+    """Example j of operands stacked by _stack_operands."""
+    return [a if axis is None else jnp.take(a, j, axis) for a, axis in zip(stacked, in_axes)]
+
+
+@pytest.mark.parametrize("in_axes", VMAP_AXES, ids=[str(a) for a in VMAP_AXES])
+def test_vmap_matches_loop(rng, device, in_axes):
+    b = 3
+    problems = [make_problem(rng, c=4, groups=2, multiplier=2) for _ in range(b)]
+    stacked = _stack_operands(problems, in_axes, device)
     kw = problems[0].kwargs()
     got = jax.vmap(lambda *a: ffi_conv(*a, **kw), in_axes=in_axes)(*stacked)
     for j in range(b):
-        one = [a if axis is None else jnp.take(a, j, axis) for a, axis in zip(stacked, in_axes)]
+        one = _example(stacked, in_axes, j)
         want = reference.deform_conv2d(*[jnp.asarray(a, jnp.float64) for a in one], **kw)
         assert rel_err(got[j], want) < 1e-5
 
@@ -291,10 +303,7 @@ def test_vmap_of_grad_every_axis_pattern(rng, device, in_axes):
     # (batched weight, mask and bias included): the backward's vmap rule.
     b = 3
     problems = [make_problem(rng, c=4, groups=2, multiplier=2) for _ in range(b)]
-    stacked = []
-    for i, axis in enumerate(in_axes):
-        parts = [pr.args(np.float32, device)[i] for pr in problems]
-        stacked.append(parts[0] if axis is None else jnp.stack(parts, axis))
+    stacked = _stack_operands(problems, in_axes, device)
     kw = problems[0].kwargs()
 
     def loss(conv, *a):
@@ -303,7 +312,7 @@ def test_vmap_of_grad_every_axis_pattern(rng, device, in_axes):
     per_example = jax.jit(jax.vmap(jax.grad(lambda *a: loss(ffi_conv, *a), (0, 1, 2, 3, 4)),
                                    in_axes=in_axes))(*stacked)
     for j in range(b):
-        one = [a if axis is None else jnp.take(a, j, axis) for a, axis in zip(stacked, in_axes)]
+        one = _example(stacked, in_axes, j)
         want = jax.grad(lambda *a: loss(reference.deform_conv2d, *a), (0, 1, 2, 3, 4))(
             *[jnp.asarray(a, jnp.float64) for a in one])
         for name, g, w in zip(["x", "offset", "weight", "mask", "bias"], per_example, want):
