@@ -30,8 +30,12 @@ if want multi_gpu; then  # builds again (quick: nothing changed) as it does stan
 fi
 export CUDA_VISIBLE_DEVICES=0
 if want gpu_tests; then
-  step gpu_tests 150 env JAX_DEFORM_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_api.py tests/test_determinism.py
+  step gpu_tests 200 env JAX_DEFORM_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_api.py \
+    tests/test_determinism.py tests/test_gradients.py tests/test_float64.py tests/test_install.py
   tail -2 "$out/logs/gpu_tests.log"
+  # Not marked gpu: with a GPU as jax's default device these run the CUDA kernels.
+  step gpu_transforms 150 python3 -m pytest -q tests/test_autodiff.py tests/test_export.py
+  tail -2 "$out/logs/gpu_transforms.log"
 fi
 if want speed; then
   step speed 300 python3 -m jax_deform.bench --suite speed --repeats 10 --json "$out/logs/speed.json" --plot "$out/logs/speedup.png"
