@@ -41,6 +41,8 @@ const Case kCases[] = {
     {"1x1, G = C", 2, 8, 8, 8, 8, 1, 1, 1, 1, 0},
     {"7x7, stride 3", 1, 11, 10, 16, 1, 1, 7, 7, 3, 3},
     {"C = 520: vector path, a partial lane round", 2, 9, 9, 520, 1, 1, 3, 3, 2, 1},
+    {"5x5, G = 2, 32 channels a group: 8-lane pixels, tap chunks", 1, 7, 6, 64, 2, 1, 5, 5, 1, 2},
+    {"C = 64: 16-lane pixels, an odd pixel count", 1, 5, 7, 64, 1, 1, 3, 3, 1, 1},
 };
 
 void Check(cudaError_t err, const char* what) {

@@ -12,14 +12,13 @@ bench() {  # bench NAME TUNING ARGS...
 }
 shapes=(--shape 16,64,64,512 --shape 32,56,56,64 --dtype float32 --dtype bfloat16)
 ours=(--only jax_deform --only "jax_deform deterministic")
-bench default "" "${shapes[@]}" "${ours[@]}"
-bench default7 "" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${ours[@]}"
-bwd=(--only jax_deform --mode fwd+bwd)
-bench bwd_one_vector "backward_kernel=1" "${shapes[@]}" "${bwd[@]}"
-bench bwd_r1 "backward_vectors=1" "${shapes[@]}" "${bwd[@]}"
-bench bwd_r2 "backward_vectors=2" "${shapes[@]}" "${bwd[@]}"
-bench bwd_r4 "backward_vectors=4" "${shapes[@]}" "${bwd[@]}"
-bench bwd_r4_cap "backward_vectors=4,backward_min_blocks=3" "${shapes[@]}" "${bwd[@]}"
+bwd=(--only jax_deform --only "jax_deform deterministic" --mode fwd+bwd)
+bench sample "" "${shapes[@]}" "${bwd[@]}"
+bench sample_cap "backward_min_blocks=3" "${shapes[@]}" "${bwd[@]}"
+bench sample_atomic "grad_x=atomic" "${shapes[@]}" --only jax_deform --mode fwd+bwd
+bench tile "backward_kernel=2" "${shapes[@]}" "${bwd[@]}"
+bench sample7 "" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
+bench tile7 "backward_kernel=2" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
 python3 - "$out" <<'PY'
 import json, sys, glob, os
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):

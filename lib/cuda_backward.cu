@@ -333,6 +333,237 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   }
 }
 
+// ---------------------------------------------------------------------------
+// The sample kernel (M = 1, channels in vectors of 4): pixel-major, like the
+// forward. A warp (or a sub-warp of L lanes when a group has fewer channels)
+// takes one output pixel at a time; its lanes own V consecutive channels each
+// of one channel slice (L * V channels) of the offset group. For each tap of
+// the block's tap chunk a lane samples its channels once and accumulates, in
+// registers:
+//   * the pixel's channel sums of grad_mask and grad_offset (3 per tap), which
+//     one butterfly reduce-scatter over the lanes then turns into one sum per
+//     lane (31 shuffles for 9 taps, where a reduction per value takes 135), so
+//     lane i writes value i;
+//   * grad_weight of (tap, its channels) over every pixel it visits, in the
+//     thread's own slots of shared memory (registers would spill), summed
+//     over the block's warps in a fixed order at the end into per-block
+//     partial sums (then SumTilesKernel).
+// No shared-memory atomics, no block barrier inside the pixel loop, every sum
+// in a fixed order. Slices of one group (more than L * V channels) write
+// partial grad_offset/grad_mask that SumSlicesKernel adds in slice order.
+constexpr int kSampleWarps = 8;
+constexpr int kSampleVec = 4;   // channels per lane access (16 bytes in float32)
+constexpr int kSampleTaps = 9;  // taps per block (kernels with more taps use grid.z chunks)
+constexpr int kSampleSums = 32; // 3 sums per tap, padded to the butterfly's width
+
+// Sums a[0..32) over the L lanes of each sub-warp; afterwards lane l of the
+// sub-warp holds the sum of a[l * (32 / L) + j] in a[j], j < 32 / L.
+template <int L, typename A>
+__device__ __forceinline__ void ReduceScatter(A (&a)[kSampleSums], int lane) {
+  int n = kSampleSums;
+#pragma unroll
+  for (int d = L / 2; d > 0; d /= 2) {
+    const bool upper = lane & d;
+    n /= 2;
+#pragma unroll
+    for (int j = 0; j < kSampleSums / 2; ++j) {
+      if (j < n) {
+        const A keep = upper ? a[n + j] : a[j];
+        const A send = upper ? a[j] : a[n + j];
+        a[j] = keep + __shfl_xor_sync(0xffffffffu, send, d);
+      }
+    }
+  }
+}
+
+struct SamplePlan {
+  int lanes;       // L: lanes per pixel (8, 16 or 32)
+  int slices;      // channel slices of L * V channels per offset group
+  int chunks;      // tap chunks of up to kSampleTaps taps
+  int64_t pixels_per_block, blocks_x;
+};
+
+inline bool SampleKernelFits(const ConvShape& s, bool wide) {
+  return !wide && s.multiplier == 1 && s.channels_per_group() % kSampleVec == 0;
+}
+
+inline SamplePlan MakeSamplePlan(const ConvShape& s) {
+  SamplePlan p;
+  const int64_t vectors = s.channels_per_group() / kSampleVec;
+  p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
+  p.slices = static_cast<int>((vectors + p.lanes - 1) / p.lanes);
+  p.chunks = static_cast<int>((s.taps() + kSampleTaps - 1) / kSampleTaps);
+  const int64_t pixels = s.n * s.ho * s.wo;
+  const int64_t step = kSampleWarps * (32 / p.lanes);  // pixels a block visits at once
+  // About eight blocks per SM over the whole grid, but at least 4 steps a
+  // block, so the per-block grad_weight partial sums stay small.
+  const int64_t others = static_cast<int64_t>(p.slices) * s.groups * p.chunks;
+  const int64_t want_blocks = std::max<int64_t>(1, 8 * SmCount() / others);
+  int64_t per_block = (pixels + want_blocks - 1) / want_blocks;
+  per_block = std::max<int64_t>(4 * step, (per_block + step - 1) / step * step);
+  p.pixels_per_block = per_block;
+  p.blocks_x = (pixels + per_block - 1) / per_block;
+  return p;
+}
+
+template <typename A>
+inline size_t SampleSharedBytes(const SamplePlan& p) {
+  return kSampleWarps * (32 / p.lanes) * kSampleTaps * sizeof(TapGeometryOf<A>) +
+         kSampleTaps * kSampleVec * kSampleWarps * 32 * sizeof(A);
+}
+
+// MINB: blocks per SM the register budget must allow.
+template <typename T, int L, int MINB>
+__global__ void __launch_bounds__(kSampleWarps * 32, MINB)
+    BackwardSampleKernel(ConvShape s, SamplePlan plan, bool scatter, const T* __restrict__ x,
+                         const T* __restrict__ offset, const T* __restrict__ mask,
+                         const T* __restrict__ weight, const T* __restrict__ grad_y,
+                         Accum<T>* __restrict__ grad_x, Accum<T>* __restrict__ grad_offset,
+                         Accum<T>* __restrict__ grad_mask, Accum<T>* __restrict__ slice_partial,
+                         Accum<T>* __restrict__ weight_partial) {
+  using A = Accum<T>;
+  constexpr int V = kSampleVec, KC = kSampleTaps, kSub = 32 / L, kPer = kSampleSums / L;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
+  TapGeometryOf<A>* geo = reinterpret_cast<TapGeometryOf<A>*>(smem) + (warp * kSub + sub) * KC;
+  // grad_weight accumulators [KC][threads][V]: one 16-byte access per tap.
+  A* weight_sums = reinterpret_cast<A*>(reinterpret_cast<TapGeometryOf<A>*>(smem) +
+                                        kSampleWarps * kSub * KC);
+  A* my_weight_sums = weight_sums + threadIdx.x * V;
+  const int tap_stride = blockDim.x * V;
+
+  const int64_t taps = s.taps(), cg = s.channels_per_group(), cm = s.out_channels();
+  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo, pixels = s.n * img_pixels;
+  const int64_t g = blockIdx.y / plan.slices;
+  const int slice = blockIdx.y % plan.slices;
+  const int vec = slice * L + lane;
+  const bool channels_active = vec < cg / V;
+  const int64_t c = g * cg + static_cast<int64_t>(channels_active ? vec : 0) * V;
+  const int k0 = blockIdx.z * KC;
+  const int kc = static_cast<int>(min(static_cast<int64_t>(KC), taps - k0));
+  const int64_t p_begin = blockIdx.x * plan.pixels_per_block;
+  const int64_t p_end = min(pixels, p_begin + plan.pixels_per_block);
+
+#pragma unroll
+  for (int t = 0; t < KC; ++t) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
+  }
+  // Warp-uniform trip count: every lane reaches the shuffles.
+  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += kSampleWarps * kSub) {
+    const int64_t pixel = p0 + sub;
+    const bool pixel_valid = pixel < p_end;
+    __syncwarp();
+    if (pixel_valid) {
+      for (int t = lane; t < kc; t += L) geo[t] = MakeGeometry(s, offset, mask, pixel, g, k0 + t);
+    }
+    __syncwarp();
+    A sums[kSampleSums];
+#pragma unroll
+    for (int i = 0; i < kSampleSums; ++i) sums[i] = A(0);
+    if (pixel_valid && channels_active) {
+      const int64_t image = pixel / img_pixels;
+      const T* xc = x + image * hw * s.c + c;
+      A* gxc = grad_x + image * hw * s.c + c;
+      A gy[V];
+      LoadVec<T, V>(grad_y + pixel * cm + c, gy);
+#pragma unroll
+      for (int t = 0; t < KC; ++t) {
+        if (t < kc) {
+          const TapGeometryOf<A> tg = geo[t];
+          const BilinearOf<A> b = ToBilinear(tg);
+          A wgt[4], wy[4], wx[4];
+          CornerWeights(b, wgt);
+          CornerWeightGrads(b, wy, wx);
+          A wv[V], gcol[V];
+          LoadVec<T, V>(weight + (k0 + t) * cm + c, wv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) gcol[v] = gy[v] * wv[v];
+          A val[V], dvy[V], dvx[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) val[v] = dvy[v] = dvx[v] = tg.poison;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (!((tg.valid >> i) & 1u)) continue;
+            A corner[V];
+            LoadVec<T, V>(xc + static_cast<int64_t>(tg.corner[i]) * s.c, corner);
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              val[v] += wgt[i] * corner[v];
+              dvy[v] += wy[i] * corner[v];
+              dvx[v] += wx[i] * corner[v];
+            }
+            if (scatter) {
+              A contrib[V];
+#pragma unroll
+              for (int v = 0; v < V; ++v) contrib[v] = tg.mask * wgt[i] * gcol[v];
+              AtomicAddVec<V>(gxc + static_cast<int64_t>(tg.corner[i]) * s.c, contrib);
+            }
+          }
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            sums[3 * t] += gcol[v] * val[v];
+            sums[3 * t + 1] += gcol[v] * dvy[v];
+            sums[3 * t + 2] += gcol[v] * dvx[v];
+          }
+          A gw[V];
+          LoadVec<A, V>(my_weight_sums + t * tap_stride, gw);
+#pragma unroll
+          for (int v = 0; v < V; ++v) gw[v] += tg.mask * val[v] * gy[v];
+          StoreVec<A, V>(my_weight_sums + t * tap_stride, gw);
+        }
+      }
+    }
+    ReduceScatter<L>(sums, lane);
+    if (pixel_valid) {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int i = lane * kPer + j, t = i / 3, part = i % 3;
+        if (t >= kc) continue;
+        // grad_mask: the plain sum; grad_offset: times the mask.
+        const A value = part == 0 ? sums[j] : sums[j] * geo[t].mask;
+        const int64_t k = k0 + t;
+        if (plan.slices > 1) {
+          slice_partial[((slice * pixels + pixel) * s.groups + g) * taps * 3 + k * 3 + part] = value;
+        } else if (part == 0) {
+          if (grad_mask) grad_mask[MaskIndex(s, pixel, g, k)] = value;
+        } else {
+          grad_offset[OffsetIndex(s, pixel, g, k) + part - 1] = value;
+        }
+      }
+    }
+  }
+  // grad_weight: this block's sum over its warps and sub-warps, in order.
+  __syncthreads();
+  for (int e = threadIdx.x; e < KC * L * V; e += blockDim.x) {
+    const int t = e / (L * V), l = (e / V) % L, v = e % V;
+    if (t >= kc || slice * L + l >= cg / V) continue;
+    A total = A(0);
+    for (int w = 0; w < kSampleWarps * kSub; ++w) total += weight_sums[t * tap_stride + (w * L + l) * V + v];
+    weight_partial[(blockIdx.x * taps + k0 + t) * cm + g * cg + (slice * L + l) * V + v] = total;
+  }
+}
+
+// grad_offset and grad_mask of a group split into channel slices: the slices'
+// partial sums added in slice order.
+template <typename A>
+__global__ void SumSlicesKernel(ConvShape s, int slices, const A* __restrict__ partial,
+                                A* __restrict__ grad_offset, A* __restrict__ grad_mask) {
+  const int64_t pixels = s.n * s.ho * s.wo, per_slice = pixels * s.groups * s.taps();
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= per_slice) return;
+  A sum[3] = {A(0), A(0), A(0)};
+  for (int sl = 0; sl < slices; ++sl) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) sum[i] += partial[(sl * per_slice + e) * 3 + i];
+  }
+  const int64_t pixel = e / (s.groups * s.taps()), g = (e / s.taps()) % s.groups, k = e % s.taps();
+  if (grad_mask) grad_mask[MaskIndex(s, pixel, g, k)] = sum[0];
+  const int64_t oi = OffsetIndex(s, pixel, g, k);
+  grad_offset[oi] = sum[1];
+  grad_offset[oi + 1] = sum[2];
+}
+
 // grad_weight[i] = sum over tiles of the per-tile partial sums, in a fixed
 // order: row r of a block sums tiles r, r + kSumRows, ... (32 columns i side by
 // side, coalesced), then row 0 adds the rows in order. Many blocks in flight,
@@ -384,6 +615,69 @@ bool UseGather(const ConvShape& s, bool deterministic) {
   return s.channels_per_group() >= 256;
 }
 
+size_t SampleScratchBytes(const ConvShape& s, const SamplePlan& p);
+bool UseSampleKernel(const ConvShape& s, bool wide);
+
+// Scratch of the kernel that computes grad_offset, grad_mask and grad_weight;
+// the gather's scratch follows it.
+size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide) {
+  if (UseSampleKernel(s, wide)) return SampleScratchBytes(s, MakeSamplePlan(s));
+  return WeightPartialBytes(s, p, wide ? sizeof(double) : sizeof(float));
+}
+
+// Scratch of the sample kernel: per-block grad_weight partial sums, then
+// per-slice grad_offset/grad_mask partial sums when a group has several slices.
+size_t SampleScratchBytes(const ConvShape& s, const SamplePlan& p) {
+  const size_t weight = Align(static_cast<size_t>(p.blocks_x) * s.taps() * s.out_channels() * sizeof(float));
+  const size_t slices =
+      p.slices > 1 ? Align(static_cast<size_t>(p.slices) * s.n * s.ho * s.wo * s.groups * s.taps() * 3 * sizeof(float)) : 0;
+  return weight + slices;
+}
+
+// The sample kernel unless a tuning run asks for a tile kernel (1: one vector
+// a thread, 2: several vectors a thread).
+bool UseSampleKernel(const ConvShape& s, bool wide) {
+  return SampleKernelFits(s, wide) && GetTuning().backward_kernel == 0;
+}
+
+template <typename T>
+using SampleFn = void (*)(ConvShape, SamplePlan, bool, const T*, const T*, const T*, const T*,
+                          const T*, Accum<T>*, Accum<T>*, Accum<T>*, Accum<T>*, Accum<T>*);
+
+template <typename T>
+cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gather, const T* x,
+                              const T* offset, const T* mask, const T* weight, const T* grad_y,
+                              float* grad_x, float* grad_offset, float* grad_mask,
+                              float* grad_weight, unsigned char* scratch) {
+  const SamplePlan p = MakeSamplePlan(s);
+  float* weight_partial = reinterpret_cast<float*>(scratch);
+  float* slice_partial = reinterpret_cast<float*>(
+      scratch + Align(static_cast<size_t>(p.blocks_x) * s.taps() * s.out_channels() * sizeof(float)));
+  const bool capped = GetTuning().backward_min_blocks == 3;
+  const SampleFn<T> fn =
+      p.lanes == 32   ? (capped ? BackwardSampleKernel<T, 32, 3> : BackwardSampleKernel<T, 32, 2>)
+      : p.lanes == 16 ? (capped ? BackwardSampleKernel<T, 16, 3> : BackwardSampleKernel<T, 16, 2>)
+                      : (capped ? BackwardSampleKernel<T, 8, 3> : BackwardSampleKernel<T, 8, 2>);
+  const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
+                  static_cast<unsigned>(p.chunks));
+  fn<<<grid, kSampleWarps * 32, SampleSharedBytes<float>(p), stream>>>(
+      s, p, !gather, x, offset, mask, weight, grad_y, grad_x, grad_offset, grad_mask, slice_partial,
+      weight_partial);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (p.slices > 1) {
+    const int64_t count = s.n * s.ho * s.wo * s.groups * s.taps();
+    SumSlicesKernel<float><<<static_cast<unsigned>((count + 255) / 256), 256, 0, stream>>>(
+        s, p.slices, slice_partial, grad_offset, grad_mask);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  const int64_t wsize = s.taps() * s.out_channels();
+  SumTilesKernel<float><<<static_cast<unsigned>((wsize + kSumCols - 1) / kSumCols),
+                          dim3(kSumCols, kSumRows), 0, stream>>>(weight_partial, p.blocks_x, wsize,
+                                                                 grad_weight);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic, const T* x,
                      const T* offset, const T* mask, const T* weight, const T* grad_y,
@@ -423,11 +717,17 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   if (gather) {
     // The gather writes every element of grad_x; the atomics add into a cleared one.
     err = GradXByGather(stream, DtypeOf<T>(), s, offset, mask, weight, grad_y, grad_x,
-                        static_cast<unsigned char*>(scratch) + WeightPartialBytes(s, p, sizeof(A)));
+                        static_cast<unsigned char*>(scratch) + KernelScratchBytes(s, p, kWide));
   } else {
     err = cudaMemsetAsync(grad_x, 0, s.n * s.h * s.w * s.c * sizeof(A), stream);
   }
   if (err != cudaSuccess) return err;
+  if constexpr (!kWide) {
+    if (UseSampleKernel(s, kWide)) {
+      return BackwardBySamples(stream, s, gather, x, offset, mask, weight, grad_y, grad_x,
+                               grad_offset, grad_mask, grad_weight, static_cast<unsigned char*>(scratch));
+    }
+  }
   const bool capped = tune.backward_min_blocks == 3;
   BackwardFn<T> fn;
   if constexpr (kWide) {  // float64: fewer variants (no register cap, R <= 2)
@@ -464,8 +764,7 @@ bool DeterministicBackwardFits(const ConvShape& s) { return GatherFits(s); }
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic) {
   const bool wide = dtype == Dtype::kF64;
   const Plan p = MakePlan(s, VecOf(dtype), wide);
-  return WeightPartialBytes(s, p, wide ? sizeof(double) : sizeof(float)) +
-         (UseGather(s, deterministic) ? GatherScratchBytes(s, wide) : 0);
+  return KernelScratchBytes(s, p, wide) + (UseGather(s, deterministic) ? GatherScratchBytes(s, wide) : 0);
 }
 
 cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,

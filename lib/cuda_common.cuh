@@ -225,7 +225,7 @@ struct Tuning {
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
   int backward_min_blocks = 0;           // as forward_min_blocks, for the backward tile kernel
-  int backward_kernel = 0;               // 0: default, 1: the one-vector-per-thread tile kernel
+  int backward_kernel = 0;               // 0: default (sample kernel), 1/2: tile kernel, 1/several vectors a thread
   int backward_vectors = 0;              // channel vectors per thread of the vector tile kernel
 };
 

@@ -158,13 +158,18 @@ GRAD_CASES = [
     dict(kernel=(3, 5), stride=2, padding=((1, 2), (0, 3)), c=6, groups=2, multiplier=2),
     dict(c=4, groups=4, dilation=2, padding=2, with_mask=False),
     dict(kernel=(1, 1), padding=0, with_bias=False),
-    # The CUDA backward's paths by channel count: sorted-gather grad_x with 4
-    # vectors a thread (C >= 256), atomics with 2 (C = 96) or 1 (C = 64), and a
-    # 7x7 kernel whose tap geometry fills most of the block's shared memory.
+    # The CUDA backward's paths by channel count: sorted-gather grad_x
+    # (C >= 256) or atomics (C = 96, 64), channel slices (C = 512: 4, 384: 3),
+    # idle lanes (C = 96), sub-warps of 16 lanes (C = 64), 7x7 in tap chunks.
     dict(n=1, h=6, w=5, c=512),
     dict(n=1, h=9, w=9, c=384, kernel=(7, 7), padding=3),
     dict(n=1, h=8, w=8, c=96, kernel=(7, 7), padding=3),
     dict(c=64, stride=2),
+    # The sample kernel's lane counts (8, 16, 32 lanes a pixel), channel slices
+    # of several offset groups, tap chunks (5x5: 9 + 9 + 7 taps), no mask.
+    dict(c=32, groups=2, kernel=(5, 5), padding=2, with_mask=False),
+    dict(n=1, h=6, w=7, c=128, groups=2, kernel=(5, 5), padding=2),
+    dict(n=1, h=5, w=6, c=512, groups=2, stride=2, with_mask=False),
 ]
 
 
