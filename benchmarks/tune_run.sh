@@ -11,7 +11,6 @@ bench() {  # bench NAME TUNING ARGS...
     --json "$out/$name.json" "$@" > "$out/$name.md" 2>&1 || tail -5 "$out/$name.md"
 }
 shapes=(--shape 16,64,64,512 --shape 32,56,56,64 --dtype float32 --dtype bfloat16)
-ours=(--only jax_deform --only "jax_deform deterministic")
 bwd=(--only jax_deform --only "jax_deform deterministic" --mode fwd+bwd)
 bench sample "" "${shapes[@]}" "${bwd[@]}"
 bench sample_cap "backward_min_blocks=3" "${shapes[@]}" "${bwd[@]}"

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         y=np.asarray(y),
         **{f"in_{k}": v for k, v in zip(names, operands)},
         **{f"grad_{k}": np.asarray(g) for k, g in zip(names, grads)},
-        targets=np.array(sorted(t for t in jax_deform._primitives.TARGETS)),
+        targets=np.array(sorted(t for t in jax_deform._ffi.TARGETS)),
         kernel_platforms=np.array(sorted(jax_deform.kernel_platforms())),
         written_by=np.array(f"jax_deform {jax_deform.__version__}, jax {jax.__version__}, "
                             f"{datetime.date.today().isoformat()}"),

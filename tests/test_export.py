@@ -143,3 +143,15 @@ def test_an_artifact_is_checked_in():
     assert ARTIFACTS, "tests/data/export_v*.npz is missing (tests/make_export_artifact.py)"
     data = np.load(ARTIFACTS[0])
     assert "jax_deform_forward_v1" in list(data["targets"])
+
+
+def test_the_artifact_writer_still_runs(tmp_path):
+    """tests/make_export_artifact.py, run as a new target version would need it:
+    the file it writes loads and runs in a fresh process like a checked-in one."""
+    out = tmp_path / "export_vtest.npz"
+    assert make_export_artifact.main(["--out", str(out)]) == 0
+    data = np.load(out)
+    assert sorted(data["targets"]) == sorted(jax_deform._ffi.TARGETS)
+    proc = _run_fresh([out])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_outputs(out, data)
