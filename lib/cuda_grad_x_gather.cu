@@ -129,34 +129,41 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[r][v] = A(0);
     }
-#pragma unroll 2
-    for (unsigned a = begin; a < end; ++a) {
-      const unsigned long long entry = entries[a];
-      const unsigned where = static_cast<unsigned>(entry);
-      A scale;
-      if constexpr (std::is_same_v<A, double>) {
-        scale = scales[entry >> 32];
-      } else {
-        scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
-      }
-      const unsigned pixel = where / taps, k = where - pixel * taps;
-      const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
-      const T* wk = weight + static_cast<int64_t>(k) * cm;
+    // The warp reads 32 entries with one coalesced load and hands them out by
+    // shuffles, so the grad_y loads of consecutive entries do not wait on
+    // each entry's own load; entries are still added in sorted order.
+    for (unsigned a0 = begin; a0 < end; a0 += 32) {
+      const unsigned long long mine = a0 + lane < end ? entries[a0 + lane] : 0ull;
+      const int count = static_cast<int>(min(32u, end - a0));
+#pragma unroll 1
+      for (int j = 0; j < count; ++j) {
+        const unsigned long long entry = __shfl_sync(0xffffffffu, mine, j);
+        const unsigned where = static_cast<unsigned>(entry);
+        A scale;
+        if constexpr (std::is_same_v<A, double>) {
+          scale = scales[entry >> 32];
+        } else {
+          scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
+        }
+        const unsigned pixel = where / taps, k = where - pixel * taps;
+        const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
+        const T* wk = weight + static_cast<int64_t>(k) * cm;
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int vec = base + lane + 32 * r;
-        if (vec >= vectors) continue;
-        const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
-        if (V > 1 || m == 1) {
-          A gv[V], wv[V];
-          LoadVec<T, V>(gy + c * m, gv);
-          LoadVec<T, V>(wk + c * m, wv);
+        for (int r = 0; r < R; ++r) {
+          const int vec = base + lane + 32 * r;
+          if (vec >= vectors) continue;
+          const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
+          if (V > 1 || m == 1) {
+            A gv[V], wv[V];
+            LoadVec<T, V>(gy + c * m, gv);
+            LoadVec<T, V>(wk + c * m, wv);
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[v] * wv[v]);
-        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
-          A sum = A(0);
-          for (int64_t j = 0; j < m; ++j) sum += ToF(wk[c * m + j]) * ToF(gy[c * m + j]);
-          acc[r][0] += scale * sum;
+            for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[v] * wv[v]);
+          } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+            A sum = A(0);
+            for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[c * m + jj]) * ToF(gy[c * m + jj]);
+            acc[r][0] += scale * sum;
+          }
         }
       }
     }
