@@ -1,6 +1,6 @@
 """One jitted forward+backward, run three times: a target for Nsight Compute.
 
-    ncu --kernel-name regex:BackwardVectorKernel --launch-skip 1 --launch-count 1 \\
+    ncu --kernel-name regex:BackwardSampleKernel --launch-skip 1 --launch-count 1 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         python3 benchmarks/profile_one.py 16,64,64,512 float32
 """

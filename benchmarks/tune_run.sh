@@ -13,11 +13,10 @@ bench() {  # bench NAME TUNING ARGS...
 shapes=(--shape 16,64,64,512 --shape 32,56,56,64 --dtype float32 --dtype bfloat16)
 bwd=(--only jax_deform --only "jax_deform deterministic" --mode fwd+bwd)
 bench sample "" "${shapes[@]}" "${bwd[@]}"
-bench sample_cap "backward_min_blocks=3" "${shapes[@]}" "${bwd[@]}"
 bench sample_atomic "grad_x=atomic" "${shapes[@]}" --only jax_deform --mode fwd+bwd
-bench tile "backward_kernel=2" "${shapes[@]}" "${bwd[@]}"
+bench tile "backward_kernel=1" "${shapes[@]}" "${bwd[@]}"
 bench sample7 "" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
-bench tile7 "backward_kernel=2" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
+bench tile7 "backward_kernel=1" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
 python3 - "$out" <<'PY'
 import json, sys, glob, os
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):

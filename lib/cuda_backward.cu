@@ -182,157 +182,6 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   }
 }
 
-// The tile kernel for M = 1 and 16-byte channel vectors. Each thread keeps R
-// channel vectors of its pixel (lane, lane + lanes, ...), so the channel sums
-// of grad_offset/grad_mask are first summed in registers over R*V channels and
-// reduced across lanes once per (pixel, tap), and R*4 corner loads are in
-// flight per tap. Loop order per block: channel slab -> tap -> pixels, so
-// grad_weight of (tap, channels) accumulates in registers over the pixels.
-template <typename T, int V, int R, int MINB>
-__global__ void __launch_bounds__(kMaxThreads, MINB)
-    BackwardVectorKernel(ConvShape s, TileGrid tg, int lanes, bool scatter,
-                         const T* __restrict__ x, const T* __restrict__ offset,
-                         const T* __restrict__ mask, const T* __restrict__ weight,
-                         const T* __restrict__ grad_y, Accum<T>* __restrict__ grad_x,
-                         Accum<T>* __restrict__ grad_offset, Accum<T>* __restrict__ grad_mask,
-                         Accum<T>* __restrict__ weight_partial) {
-  using A = Accum<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int taps = static_cast<int>(s.taps());
-  const int tile_pixels = tg.pixels;
-  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
-  TapGeometryOf<A>* geom = reinterpret_cast<TapGeometryOf<A>*>(pixel_of + tile_pixels);
-  A* tap_sums = reinterpret_cast<A*>(geom + tile_pixels * taps);  // [pixel][tap][3]
-  A* weight_sums = tap_sums + tile_pixels * taps * 3;             // [threads][R*V]
-
-  const int64_t g = blockIdx.y;
-  TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
-  for (int e = threadIdx.x; e < tile_pixels * taps * 3; e += blockDim.x) tap_sums[e] = A(0);
-  __syncthreads();
-
-  const int64_t cg = s.channels_per_group(), cm = s.out_channels();
-  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
-  const int vectors = static_cast<int>(cg / V);
-  const int lane = threadIdx.x % lanes, pixel_group = threadIdx.x / lanes;
-  const int groups_of_pixels = blockDim.x / lanes;
-  // Every thread runs the same number of iterations so the shuffles line up.
-  const int pixel_rounds = (tile_pixels + groups_of_pixels - 1) / groups_of_pixels;
-  for (int slab = 0; slab < vectors; slab += lanes * R) {
-    for (int k = 0; k < taps; ++k) {
-      A weight_acc[R][V];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) weight_acc[r][v] = A(0);
-      }
-      const T* wk = weight + k * cm;
-      for (int round = 0; round < pixel_rounds; ++round) {
-        const int lp = round * groups_of_pixels + pixel_group;
-        const int64_t pixel = lp < tile_pixels ? pixel_of[lp] : -1;
-        A sum_val = A(0), sum_dy = A(0), sum_dx = A(0);
-        if (pixel >= 0) {
-          const int64_t image = pixel / img_pixels;
-          const TapGeometryOf<A> t = geom[lp * taps + k];
-          const BilinearOf<A> b = ToBilinear(t);
-          A wgt[4], wy[4], wx[4];
-          CornerWeights(b, wgt);
-          CornerWeightGrads(b, wy, wx);
-          const T* xc = x + image * hw * s.c;
-          A* gxc = grad_x + image * hw * s.c;
-          const T* gy = grad_y + pixel * cm;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const int vec = slab + lane + r * lanes;
-            if (vec >= vectors) continue;
-            const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
-            A gyv[V], wv[V], gcol[V];
-            LoadVec<T, V>(gy + c, gyv);
-            LoadVec<T, V>(wk + c, wv);
-#pragma unroll
-            for (int v = 0; v < V; ++v) gcol[v] = gyv[v] * wv[v];
-            A val[V], dvy[V], dvx[V];
-#pragma unroll
-            for (int v = 0; v < V; ++v) val[v] = dvy[v] = dvx[v] = t.poison;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              if (!((t.valid >> i) & 1u)) continue;
-              A corner[V];
-              LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c + c, corner);
-#pragma unroll
-              for (int v = 0; v < V; ++v) {
-                val[v] += wgt[i] * corner[v];
-                dvy[v] += wy[i] * corner[v];
-                dvx[v] += wx[i] * corner[v];
-              }
-              if (scatter) {
-                A contrib[V];
-#pragma unroll
-                for (int v = 0; v < V; ++v) contrib[v] = t.mask * wgt[i] * gcol[v];
-                AtomicAddVec<V>(gxc + static_cast<int64_t>(t.corner[i]) * s.c + c, contrib);
-              }
-            }
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              sum_val += gcol[v] * val[v];
-              sum_dy += gcol[v] * dvy[v];
-              sum_dx += gcol[v] * dvx[v];
-              weight_acc[r][v] += t.mask * val[v] * gyv[v];
-            }
-          }
-          sum_dy *= t.mask;
-          sum_dx *= t.mask;
-        }
-        sum_val = SumOverLanes(sum_val, lanes);
-        sum_dy = SumOverLanes(sum_dy, lanes);
-        sum_dx = SumOverLanes(sum_dx, lanes);
-        if (lane == 0 && pixel >= 0) {
-          A* ts = tap_sums + (lp * taps + k) * 3;
-          ts[0] += sum_val;
-          ts[1] += sum_dy;
-          ts[2] += sum_dx;
-        }
-      }
-      // grad_weight of this tap: sum the pixel groups in order.
-      A* mine = weight_sums + threadIdx.x * (R * V);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) mine[r * V + v] = weight_acc[r][v];
-      }
-      __syncthreads();
-      if (pixel_group == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int vec = slab + lane + r * lanes;
-          if (vec >= vectors) continue;
-          A total[V];
-#pragma unroll
-          for (int v = 0; v < V; ++v) total[v] = A(0);
-          for (int pg = 0; pg < groups_of_pixels; ++pg) {
-            const A* theirs = weight_sums + (pg * lanes + lane) * (R * V) + r * V;
-#pragma unroll
-            for (int v = 0; v < V; ++v) total[v] += theirs[v];
-          }
-          A* out = weight_partial + (static_cast<int64_t>(blockIdx.x) * taps + k) * cm +
-                       g * cg + static_cast<int64_t>(vec) * V;
-#pragma unroll
-          for (int v = 0; v < V; ++v) out[v] = total[v];
-        }
-      }
-      __syncthreads();
-    }
-  }
-  for (int e = threadIdx.x; e < tile_pixels * taps; e += blockDim.x) {
-    const int64_t pixel = pixel_of[e / taps];
-    if (pixel < 0) continue;
-    const int k = e % taps;
-    const int64_t oi = OffsetIndex(s, pixel, g, k);
-    grad_offset[oi] = tap_sums[e * 3 + 1];
-    grad_offset[oi + 1] = tap_sums[e * 3 + 2];
-    if (grad_mask) grad_mask[MaskIndex(s, pixel, g, k)] = tap_sums[e * 3];
-  }
-}
-
 // ---------------------------------------------------------------------------
 // The sample kernel (M = 1, channels in vectors of 4): pixel-major, like the
 // forward. A warp (or a sub-warp of L lanes when a group has fewer channels)
@@ -412,9 +261,9 @@ inline size_t SampleSharedBytes(const SamplePlan& p) {
          kSampleTaps * kSampleVec * kSampleWarps * 32 * sizeof(A);
 }
 
-// MINB: blocks per SM the register budget must allow.
-template <typename T, int L, int MINB>
-__global__ void __launch_bounds__(kSampleWarps * 32, MINB)
+// Two blocks per SM: measured (H200) faster than three with spills.
+template <typename T, int L>
+__global__ void __launch_bounds__(kSampleWarps * 32, 2)
     BackwardSampleKernel(ConvShape s, SamplePlan plan, bool scatter, const T* __restrict__ x,
                          const T* __restrict__ offset, const T* __restrict__ mask,
                          const T* __restrict__ weight, const T* __restrict__ grad_y,
@@ -449,15 +298,31 @@ __global__ void __launch_bounds__(kSampleWarps * 32, MINB)
 #pragma unroll
     for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
   }
+  // Lane l of a sub-warp loads the offsets and mask of taps l, l + L, ... one
+  // pixel ahead, so their latency hides behind the current pixel's samples.
+  constexpr int kAhead = (KC + L - 1) / L;
+  constexpr int64_t kStep = kSampleWarps * kSub;
+  TapOperands<A> ahead[kAhead];
+  auto load_ahead = [&](int64_t pixel) {
+#pragma unroll
+    for (int r = 0; r < kAhead; ++r) {
+      const int t = lane + r * L;
+      if (pixel < p_end && t < kc) ahead[r] = LoadTapOperands(s, offset, mask, pixel, g, k0 + t);
+    }
+  };
+  load_ahead(p_begin + warp * kSub + sub);
   // Warp-uniform trip count: every lane reaches the shuffles.
-  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += kSampleWarps * kSub) {
+  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += kStep) {
     const int64_t pixel = p0 + sub;
     const bool pixel_valid = pixel < p_end;
     __syncwarp();
-    if (pixel_valid) {
-      for (int t = lane; t < kc; t += L) geo[t] = MakeGeometry(s, offset, mask, pixel, g, k0 + t);
+#pragma unroll
+    for (int r = 0; r < kAhead; ++r) {
+      const int t = lane + r * L;
+      if (pixel_valid && t < kc) geo[t] = GeometryOf(s, pixel, k0 + t, ahead[r]);
     }
     __syncwarp();
+    load_ahead(pixel + kStep);
     A sums[kSampleSums];
 #pragma unroll
     for (int i = 0; i < kSampleSums; ++i) sums[i] = A(0);
@@ -634,8 +499,7 @@ size_t SampleScratchBytes(const ConvShape& s, const SamplePlan& p) {
   return weight + slices;
 }
 
-// The sample kernel unless a tuning run asks for a tile kernel (1: one vector
-// a thread, 2: several vectors a thread).
+// The sample kernel unless a tuning run asks for the tile kernel.
 bool UseSampleKernel(const ConvShape& s, bool wide) {
   return SampleKernelFits(s, wide) && GetTuning().backward_kernel == 0;
 }
@@ -653,11 +517,9 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(
       scratch + Align(static_cast<size_t>(p.blocks_x) * s.taps() * s.out_channels() * sizeof(float)));
-  const bool capped = GetTuning().backward_min_blocks == 3;
-  const SampleFn<T> fn =
-      p.lanes == 32   ? (capped ? BackwardSampleKernel<T, 32, 3> : BackwardSampleKernel<T, 32, 2>)
-      : p.lanes == 16 ? (capped ? BackwardSampleKernel<T, 16, 3> : BackwardSampleKernel<T, 16, 2>)
-                      : (capped ? BackwardSampleKernel<T, 8, 3> : BackwardSampleKernel<T, 8, 2>);
+  const SampleFn<T> fn = p.lanes == 32   ? BackwardSampleKernel<T, 32>
+                         : p.lanes == 16 ? BackwardSampleKernel<T, 16>
+                                         : BackwardSampleKernel<T, 8>;
   const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
                   static_cast<unsigned>(p.chunks));
   fn<<<grid, kSampleWarps * 32, SampleSharedBytes<float>(p), stream>>>(
@@ -687,32 +549,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   constexpr bool kWide = std::is_same_v<T, double>;
   constexpr int kVec = 16 / sizeof(T);
   const Plan p = MakePlan(s, kVec, kWide);
-  const int mb = p.vec == kVec ? 1 : (s.multiplier == 1 ? 1 : 4);
-  // Vectors per thread of the vector kernel: enough to cover the group's
-  // channels in one slab where that is at most 4.
-  const int64_t vectors = s.channels_per_group() / p.vec;
-  const Tuning& tune = GetTuning();
-  // Measured: float32 takes 4 vectors a thread without the atomics, 2 with
-  // them (the atomics' registers); half precision 1 (V = 8 already).
-  // float64 (V = 2, not tuned): at most 2.
-  const int max_r = tune.backward_vectors > 0 ? tune.backward_vectors
-                    : kWide                      ? 2
-                    : sizeof(T) == 4             ? (UseGather(s, deterministic) ? 4 : 2)
-                                                 : 1;
-  int r = std::min(max_r, vectors <= p.lanes ? 1 : vectors <= 2 * p.lanes ? 2 : 4);
-  const bool vector_kernel = p.vec == kVec && tune.backward_kernel != 1;
-  const size_t geometry_bytes =
-      p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometryOf<A>) + 3 * sizeof(A)));
-  // Fewer vectors a thread where their grad_weight sums would take the block
-  // past the default 48 KB of shared memory (large kernels: the tap geometry
-  // fills most of it).
-  while (vector_kernel && r > 1 && geometry_bytes + p.threads * r * p.vec * sizeof(A) > 48 * 1024) {
-    r /= 2;
-  }
-  const int per_thread = vector_kernel ? r * p.vec : p.vec * mb;
-  const size_t smem = geometry_bytes + p.threads * per_thread * sizeof(A);
   const bool gather = UseGather(s, deterministic);
-  auto* partial = static_cast<A*>(scratch);
   cudaError_t err;
   if (gather) {
     // The gather writes every element of grad_x; the atomics add into a cleared one.
@@ -728,25 +565,16 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
                                grad_offset, grad_mask, grad_weight, static_cast<unsigned char*>(scratch));
     }
   }
-  const bool capped = tune.backward_min_blocks == 3;
-  BackwardFn<T> fn;
-  if constexpr (kWide) {  // float64: fewer variants (no register cap, R <= 2)
-    if (vector_kernel) {
-      fn = r == 1 ? BackwardVectorKernel<T, kVec, 1, 1> : BackwardVectorKernel<T, kVec, 2, 1>;
-    } else if (p.vec == kVec) {
-      fn = BackwardKernel<T, kVec, 1, 1>;
-    } else {
-      fn = mb == 1 ? BackwardKernel<T, 1, 1, 1> : BackwardKernel<T, 1, 4, 1>;
-    }
-  } else if (vector_kernel) {
-    fn = r == 1 ? (capped ? BackwardVectorKernel<T, kVec, 1, 3> : BackwardVectorKernel<T, kVec, 1, 1>)
-       : r == 2 ? (capped ? BackwardVectorKernel<T, kVec, 2, 3> : BackwardVectorKernel<T, kVec, 2, 1>)
-                : (capped ? BackwardVectorKernel<T, kVec, 4, 3> : BackwardVectorKernel<T, kVec, 4, 1>);
-  } else if (p.vec == kVec) {
-    fn = BackwardKernel<T, kVec, 1, 1>;
-  } else {
-    fn = mb == 1 ? BackwardKernel<T, 1, 1, 1> : BackwardKernel<T, 1, 4, 1>;
-  }
+  // The tile kernel: depth multipliers, channel counts off the vector width,
+  // float64.
+  const int mb = p.vec == kVec ? 1 : (s.multiplier == 1 ? 1 : 4);
+  const size_t smem =
+      p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometryOf<A>) + 3 * sizeof(A))) +
+      p.threads * p.vec * mb * sizeof(A);
+  const BackwardFn<T> fn = p.vec == kVec ? BackwardKernel<T, kVec, 1, 1>
+                           : mb == 1     ? BackwardKernel<T, 1, 1, 1>
+                                         : BackwardKernel<T, 1, 4, 1>;
+  auto* partial = static_cast<A*>(scratch);
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups));
   fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, !gather, x, offset, mask, weight,
                                         grad_y, grad_x, grad_offset, grad_mask, partial);

@@ -106,16 +106,29 @@ struct TapGeometryOf {
 };
 using TapGeometry = TapGeometryOf<float>;
 
+// What one (pixel, tap) reads from offset and mask: loaded apart from the
+// geometry math so a kernel can issue the loads early (one pixel ahead).
+template <typename A>
+struct TapOperands {
+  A dy, dx, mask;
+};
+
 template <typename T>
-__device__ __forceinline__ TapGeometryOf<Accum<T>> MakeGeometry(
+__device__ __forceinline__ TapOperands<Accum<T>> LoadTapOperands(
     const ConvShape& s, const T* __restrict__ offset, const T* __restrict__ mask, int64_t pixel,
     int64_t g, int64_t k) {
-  using A = Accum<T>;
+  const int64_t oi = OffsetIndex(s, pixel, g, k);
+  return {ToF(offset[oi]), ToF(offset[oi + 1]),
+          mask ? ToF(mask[MaskIndex(s, pixel, g, k)]) : Accum<T>(1)};
+}
+
+template <typename A>
+__device__ __forceinline__ TapGeometryOf<A> GeometryOf(const ConvShape& s, int64_t pixel, int64_t k,
+                                                       const TapOperands<A>& in) {
   const int64_t ox = pixel % s.wo;
   const int64_t oy = (pixel / s.wo) % s.ho;
-  const int64_t oi = OffsetIndex(s, pixel, g, k);
   A py, px;
-  SamplePosition(s, oy, ox, k / s.kw, k % s.kw, ToF(offset[oi]), ToF(offset[oi + 1]), &py, &px);
+  SamplePosition(s, oy, ox, k / s.kw, k % s.kw, in.dy, in.dx, &py, &px);
   const BilinearOf<A> b = MakeBilinear(py, px, s.h, s.w);
   TapGeometryOf<A> t;
 #pragma unroll
@@ -123,10 +136,17 @@ __device__ __forceinline__ TapGeometryOf<Accum<T>> MakeGeometry(
   t.ly = b.ly;
   t.lx = b.lx;
   t.poison = b.poison;
-  t.mask = mask ? ToF(mask[MaskIndex(s, pixel, g, k)]) : A(1);
+  t.mask = in.mask;
   t.valid = (b.valid[0] != A(0)) | ((b.valid[1] != A(0)) << 1) | ((b.valid[2] != A(0)) << 2) |
             ((b.valid[3] != A(0)) << 3);
   return t;
+}
+
+template <typename T>
+__device__ __forceinline__ TapGeometryOf<Accum<T>> MakeGeometry(
+    const ConvShape& s, const T* __restrict__ offset, const T* __restrict__ mask, int64_t pixel,
+    int64_t g, int64_t k) {
+  return GeometryOf(s, pixel, k, LoadTapOperands(s, offset, mask, pixel, g, k));
 }
 
 template <typename A>
@@ -218,15 +238,13 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 }
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
-// forward_weights_in_registers=1,backward_min_blocks=3,grad_x=gather" (unset: the defaults below,
+// forward_weights_in_registers=1,backward_kernel=1,grad_x=gather" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
   int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
-  int backward_min_blocks = 0;           // as forward_min_blocks, for the backward tile kernel
-  int backward_kernel = 0;               // 0: default (sample kernel), 1/2: tile kernel, 1/several vectors a thread
-  int backward_vectors = 0;              // channel vectors per thread of the vector tile kernel
+  int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
 };
 
 inline Tuning ParseTuning(const char* text) {
@@ -240,9 +258,7 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("forward_weights_in_registers=")) {
     t.forward_weights_in_registers = std::atoi(v);
   }
-  if (const char* v = value("backward_min_blocks=")) t.backward_min_blocks = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
-  if (const char* v = value("backward_vectors=")) t.backward_vectors = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;
   }
