@@ -1,13 +1,15 @@
 // Backward kernels of depthwise deformable convolution, channels last.
 //
-// The tile kernel re-walks the forward's tiles: grad_offset and grad_mask are
-// reduced over the channels of a group with warp shuffles and then in shared
-// memory, always in the same order; grad_weight is reduced per block in a
-// fixed order into per-tile partial sums, then summed over tiles in order by a
-// second kernel. grad_x is a scatter: either float atomics from the tile
-// kernel (vector atomics on sm_90), or a separate gather over
-// destination-sorted contributions (cuda_grad_x_gather.cu), bitwise
-// reproducible and chosen whenever determinism is asked for.
+// grad_offset, grad_mask and grad_weight come from the sample kernel
+// (M = 1, channels in multiples of 4: every float32/bfloat16/float16 case a
+// model meets) or else from the tile kernel (depth multipliers, odd channel
+// counts, float64), which re-walks the forward's tiles. Both reduce
+// grad_offset/grad_mask over the channels of a group in a fixed order and
+// write grad_weight as per-block partial sums that a second kernel adds in a
+// fixed order. grad_x is a scatter: either float atomics from those kernels
+// (vector atomics on sm_90), or a separate gather over destination-sorted
+// contributions (cuda_grad_x_gather.cu), bitwise reproducible and chosen
+// whenever determinism is asked for.
 #include "cuda_common.cuh"
 #include "cuda_grad_x_gather.h"
 
