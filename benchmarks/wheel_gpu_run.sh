@@ -56,8 +56,16 @@ log "nvcc is not on PATH"
 
 venv=$(mktemp -d)/venv
 python3 -m venv --system-site-packages "$venv"
+# --system-site-packages does not reach the system python's user site or
+# PYTHONPATH-style package folders, where jax may live: a .pth file puts every
+# package folder of the system python behind the venv's own, so the wheel in
+# the venv wins.
+python3 -c "import site, sys; print('\n'.join(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + [p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))])))" \
+  > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/system_site.pth"
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
+python -c "import jax, sys; print('jax', jax.__version__, 'from', jax.__file__, 'in', sys.prefix)" \
+  | tee -a "$out/summary.txt" || { log "error: jax does not import in the venv"; exit 1; }
 python -m pip install --no-deps --no-index "$wheel" > "$out/logs/install.log" 2>&1 \
   || { cat "$out/logs/install.log"; exit 1; }
 log "installed $(basename "$wheel") into $venv (--system-site-packages, --no-deps)"
