@@ -205,9 +205,13 @@ class Workspace:
 
     def build_extension(self) -> tuple[bool, str]:
         if not self.configured:
-            r = _run(["cmake", "-S", self.src, "-B", self.build, "-G", "Ninja",
+            # JAX_DEFORM_CUDA_ARCHITECTURES (e.g. 90) narrows the CUDA build, as for pip.
+            archs = os.environ.get("JAX_DEFORM_CUDA_ARCHITECTURES")
+            r = _run(["cmake", "-S", self.src, "-B", self.build,
+                      *(["-G", "Ninja"] if shutil.which("ninja") else []),
                       f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
-                      f"-DJAX_DEFORM_CUDA={'ON' if self.cuda else 'OFF'}"],
+                      f"-DJAX_DEFORM_CUDA={'ON' if self.cuda else 'OFF'}",
+                      *([f"-DJAX_DEFORM_CUDA_ARCHITECTURES={archs}"] if archs and self.cuda else [])],
                      self.dir, log=self.log)
             if r.returncode:
                 return False, r.stdout[-2000:]
