@@ -56,6 +56,39 @@ def _impl(prim: Primitive):
     return lambda *args, **params: jitted(**params)(*args)
 
 
+def varying_axes(aval) -> frozenset:
+    """The manual (shard_map) axes over which a value varies."""
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
+
+
+def _result_like(operands, shape, dtype, sharding):
+    """A result aval. Inside shard_map a result varies over the manual axes its
+    operands vary over, so it is derived from the most varying operand (which
+    also keeps whatever else that jax version tracks per aval)."""
+    template = max(operands, key=lambda a: len(varying_axes(a)))
+    return template.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
+
+
+def _fallback_lowering(fallback, multiple_results):
+    """Platforms without a compiled kernel lower to the pure-jnp computation,
+    unless the caller asked for the kernel (implementation='ffi')."""
+    lower = mlir.lower_fun(fallback, multiple_results=multiple_results)
+
+    def lowering(ctx, *args, params: ConvParams, **kwargs):
+        if params.kernel_required:
+            platforms = ", ".join(ctx.module_context.platforms)
+            built = ", ".join(sorted(KERNEL_PLATFORMS)) or "none"
+            raise ValueError(
+                f"implementation='ffi' but jax_deform has no compiled kernel for {platforms} "
+                f"(built for: {built}); use implementation=None or 'xla' there"
+            )
+        return lower(ctx, *args, params=params, **kwargs)
+
+    return lowering
+
+
 # ---------------------------------------------------------------- forward
 
 forward_p = Primitive("deform_conv2d_forward")
@@ -81,6 +114,11 @@ def _forward_lowering(ctx, x, offset, mask, weight, bias, *, params: ConvParams)
 def _forward_fallback(x, offset, mask, weight, bias, *, params: ConvParams):
     return _reference_nhwc(x, offset, weight, _none_if_empty(mask), _none_if_empty(bias),
                            params, layout_of(x, offset, weight))
+
+
+for _platform in KERNEL_PLATFORMS:
+    mlir.register_lowering(forward_p, _forward_lowering, platform=_platform)
+mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
 
 
 # ---------------------------------------------------------------- tangent
@@ -112,6 +150,11 @@ def _tangent_fallback(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weig
     del deterministic
     f = reference_without_bias(params, x, offset, mask, weight)
     return jax.jvp(f, (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot))[1]
+
+
+# Every platform, implementation='ffi' included: there is no tangent kernel yet
+# (README, "What composes").
+mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_fallback, multiple_results=False))
 
 
 # ---------------------------------------------------------------- backward
@@ -187,21 +230,6 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
             for g, shape in zip(grads, shapes)]
 
 
-def varying_axes(aval) -> frozenset:
-    """The manual (shard_map) axes over which a value varies."""
-    if hasattr(aval, "vma"):
-        return frozenset(aval.vma)
-    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
-
-
-def _result_like(operands, shape, dtype, sharding):
-    """A result aval. Inside shard_map a result varies over the manual axes its
-    operands vary over, so it is derived from the most varying operand (which
-    also keeps whatever else that jax version tracks per aval)."""
-    template = max(operands, key=lambda a: len(varying_axes(a)))
-    return template.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
-
-
 def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, deterministic,
                             partials):
     """The CUDA kernel also needs device workspace (per-tile grad_weight partial
@@ -234,34 +262,9 @@ def workspace_size(nbytes, n):
 
 
 for _platform in KERNEL_PLATFORMS:
-    mlir.register_lowering(forward_p, _forward_lowering, platform=_platform)
     mlir.register_lowering(
         backward_p,
         _backward_lowering_cuda if _platform == "cuda" else _backward_lowering,
         platform=_platform,
     )
-
-
-def _fallback_lowering(fallback, multiple_results):
-    """Platforms without a compiled kernel lower to the pure-jnp computation,
-    unless the caller asked for the kernel (implementation='ffi')."""
-    lower = mlir.lower_fun(fallback, multiple_results=multiple_results)
-
-    def lowering(ctx, *args, params: ConvParams, **kwargs):
-        if params.kernel_required:
-            platforms = ", ".join(ctx.module_context.platforms)
-            built = ", ".join(sorted(KERNEL_PLATFORMS)) or "none"
-            raise ValueError(
-                f"implementation='ffi' but jax_deform has no compiled kernel for {platforms} "
-                f"(built for: {built}); use implementation=None or 'xla' there"
-            )
-        return lower(ctx, *args, params=params, **kwargs)
-
-    return lowering
-
-
-mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
-# Every platform, implementation='ffi' included: there is no tangent kernel yet
-# (README, "What composes").
-mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_fallback, multiple_results=False))
 mlir.register_lowering(backward_p, _fallback_lowering(_backward_fallback, True))
