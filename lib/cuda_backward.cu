@@ -346,37 +346,47 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
           LoadVec<T, V>(weight + (k0 + t) * cm + c, wv);
 #pragma unroll
           for (int v = 0; v < V; ++v) gcol[v] = gy[v] * wv[v];
-          A val[V], dvy[V], dvx[V];
+          // The tap's channel sums are linear in the corners: with
+          // dot_i = sum over channels of gcol * corner_i, they are
+          // sum_i w_i * dot_i for w the bilinear weights and their y and x
+          // derivatives, so per channel only the masked sample value (for
+          // grad_weight) is formed: 8 multiply-adds a channel and corner
+          // fewer than sampling value, d/dy and d/dx per channel.
+          A wm[4];
 #pragma unroll
-          for (int v = 0; v < V; ++v) val[v] = dvy[v] = dvx[v] = tg.poison;
+          for (int i = 0; i < 4; ++i) wm[i] = tg.mask * wgt[i];
+          A val_m[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) val_m[v] = tg.poison;
+          A sum_val = tg.poison, sum_dy = tg.poison, sum_dx = tg.poison;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             if (!((tg.valid >> i) & 1u)) continue;
             A corner[V];
             LoadVec<T, V>(xc + static_cast<int64_t>(tg.corner[i]) * s.c, corner);
+            A dot = A(0);
 #pragma unroll
             for (int v = 0; v < V; ++v) {
-              val[v] += wgt[i] * corner[v];
-              dvy[v] += wy[i] * corner[v];
-              dvx[v] += wx[i] * corner[v];
+              val_m[v] += wm[i] * corner[v];
+              dot += gcol[v] * corner[v];
             }
+            sum_val += wgt[i] * dot;
+            sum_dy += wy[i] * dot;
+            sum_dx += wx[i] * dot;
             if (scatter) {
               A contrib[V];
 #pragma unroll
-              for (int v = 0; v < V; ++v) contrib[v] = tg.mask * wgt[i] * gcol[v];
+              for (int v = 0; v < V; ++v) contrib[v] = wm[i] * gcol[v];
               AtomicAddVec<V>(gxc + static_cast<int64_t>(tg.corner[i]) * s.c, contrib);
             }
           }
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            sums[3 * t] += gcol[v] * val[v];
-            sums[3 * t + 1] += gcol[v] * dvy[v];
-            sums[3 * t + 2] += gcol[v] * dvx[v];
-          }
+          sums[3 * t] += sum_val;
+          sums[3 * t + 1] += sum_dy;
+          sums[3 * t + 2] += sum_dx;
           A gw[V];
           LoadVec<A, V>(my_weight_sums + t * tap_stride, gw);
 #pragma unroll
-          for (int v = 0; v < V; ++v) gw[v] += tg.mask * val[v] * gy[v];
+          for (int v = 0; v < V; ++v) gw[v] += val_m[v] * gy[v];
           StoreVec<A, V>(my_weight_sums + t * tap_stride, gw);
         }
       }
