@@ -17,22 +17,30 @@ except ImportError:  # not built: every call takes the pure-jnp path
 # name stays registered.
 FORWARD_TARGET = "jax_deform_forward_v1"
 BACKWARD_TARGET = "jax_deform_backward_v1"
-TARGETS = (FORWARD_TARGET, BACKWARD_TARGET)
+TANGENT_TARGET = "jax_deform_tangent_v1"  # forward mode; CPU only so far
+TARGETS = (FORWARD_TARGET, BACKWARD_TARGET, TANGENT_TARGET)
 
 
-def _register_targets() -> frozenset[str]:
+def _register_targets() -> dict[str, frozenset[str]]:
+    """Registers every handler; returns platform -> the target names it has."""
     if extension is None:
-        return frozenset()
-    platforms = set()
+        return {}
+    registered = {}
     for platform, targets in extension.registrations().items():
         for name, capsule in targets.items():
             jax.ffi.register_ffi_target(name, capsule, platform=platform)
-        platforms.add(platform.lower())
-    return frozenset(platforms)
+        registered[platform.lower()] = frozenset(targets)
+    return registered
 
+
+_REGISTERED = _register_targets()
 
 #: Lower-case platform names ("cpu", "cuda") that have compiled kernels.
-KERNEL_PLATFORMS: frozenset[str] = _register_targets()
+KERNEL_PLATFORMS: frozenset[str] = frozenset(_REGISTERED)
+
+#: Platforms whose build has the forward-mode (tangent) kernel.
+TANGENT_PLATFORMS: frozenset[str] = frozenset(
+    p for p, names in _REGISTERED.items() if TANGENT_TARGET in names)
 
 
 def cuda_backward_workspace_bytes(n, layout, dtype: str, deterministic: bool) -> int:

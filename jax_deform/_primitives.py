@@ -22,7 +22,7 @@ from jax_deform._params import ConvParams, accum_dtype, layout_of
 from jax_deform.reference import deform_conv2d_nhwc as _reference_nhwc
 
 from jax_deform._ffi import (BACKWARD_TARGET, FORWARD_TARGET, KERNEL_PLATFORMS,
-                             cuda_backward_workspace_bytes)
+                             TANGENT_PLATFORMS, TANGENT_TARGET, cuda_backward_workspace_bytes)
 
 
 def empty_like_absent(value, dtype):
@@ -125,8 +125,9 @@ mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
 
 # The forward's tangent: linear in (x_dot, offset_dot, mask_dot, weight_dot),
 # which follow x, offset, mask and weight. Its transpose (in _autodiff) is the
-# backward kernel, so reverse mode never evaluates it; evaluating it (forward
-# mode) has no kernel yet and lowers to the jvp of the pure-jnp reference.
+# backward kernel, so reverse mode never evaluates it. Evaluating it (forward
+# mode) runs the tangent kernel, split over the mesh like the forward, where
+# the build has one (CPU), and elsewhere the jvp of the pure-jnp reference.
 
 tangent_p = Primitive("deform_conv2d_tangent")
 tangent_p.def_impl(_impl(tangent_p))
@@ -152,9 +153,34 @@ def _tangent_fallback(x, offset, mask, weight, x_dot, offset_dot, mask_dot, weig
     return jax.jvp(f, (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot))[1]
 
 
-# Every platform, implementation='ffi' included: there is no tangent kernel yet
-# (README, "What composes").
-mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_fallback, multiple_results=False))
+def _runs_whole(ctx) -> bool:
+    """Whether this lowering is for one device, or for one shard inside a
+    shard_map over every mesh axis: no partitioning by XLA follows."""
+    axis_context = ctx.module_context.axis_context
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is not None:
+        return set(getattr(axis_context, "manual_axes", ())) == set(mesh.axis_names)
+    return getattr(axis_context, "num_devices", 0) == 1
+
+
+_tangent_fallback_lowering = mlir.lower_fun(_tangent_fallback, multiple_results=False)
+
+
+def _tangent_lowering(ctx, *args, params: ConvParams, deterministic: bool):
+    """The tangent kernel where the program runs whole (one device, or per shard
+    inside shard_map); a program that XLA still has to partition gets the
+    reference's jvp, which XLA partitions (the tangent kernel has no
+    partitioning rule yet)."""
+    if not _runs_whole(ctx):
+        return _tangent_fallback_lowering(ctx, *args, params=params, deterministic=deterministic)
+    return jax.ffi.ffi_lowering(TANGENT_TARGET)(ctx, *args, **params.ffi_attrs())
+
+
+# Not cacheable: the choice above depends on where in the program the call is
+# lowered, which the lowering cache's key does not see.
+for _platform in TANGENT_PLATFORMS:
+    mlir.register_lowering(tangent_p, _tangent_lowering, platform=_platform, cacheable=False)
+mlir.register_lowering(tangent_p, _tangent_fallback_lowering)
 
 
 # ---------------------------------------------------------------- backward

@@ -36,7 +36,8 @@ def disabled_checks() -> list:
 
     jax.export refuses custom calls that are not on jax's own list of stable
     targets; this op's kernels are custom calls with versioned names
-    (``jax_deform_forward_v1``, ``jax_deform_backward_v1``) that this package
+    (``jax_deform_forward_v1``, ``jax_deform_backward_v1``, and for forward
+    mode on CPU ``jax_deform_tangent_v1``) that this package
     promises to keep loading (README, "Saving and exporting"). The returned
     list disables the check for exactly those targets. A program that runs the
     exported function must ``import jax_deform`` first, which registers them.

@@ -38,6 +38,7 @@ NB_MODULE(_jax_deform, m) {
     nb::dict cpu;
     cpu["jax_deform_forward_v1"] = Capsule(JaxDeformForwardCpu);
     cpu["jax_deform_backward_v1"] = Capsule(JaxDeformBackwardCpu);
+    cpu["jax_deform_tangent_v1"] = Capsule(JaxDeformTangentCpu);
     cpu["jax_deform_forward"] = Capsule(JaxDeformForwardCpu);
     cpu["jax_deform_backward"] = Capsule(JaxDeformBackwardCpu);
     nb::dict out;

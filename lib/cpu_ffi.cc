@@ -151,8 +151,52 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer o
   return ffi::Error::Success();
 }
 
+template <typename T>
+void RunTangent(const ConvShape& s, const ffi::AnyBuffer* in[8], void* y_dot,
+                const ParallelFor& parallel) {
+  TangentCpu<T>(s, DataOrNull<T>(*in[0]), DataOrNull<T>(*in[1]), DataOrNull<T>(*in[2]),
+                DataOrNull<T>(*in[3]), DataOrNull<T>(*in[4]), DataOrNull<T>(*in[5]),
+                DataOrNull<T>(*in[6]), DataOrNull<T>(*in[7]), static_cast<T*>(y_dot), parallel);
+}
+
+ffi::Error TangentImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                       ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer x_dot,
+                       ffi::AnyBuffer offset_dot, ffi::AnyBuffer mask_dot,
+                       ffi::AnyBuffer weight_dot, ffi::Result<ffi::AnyBuffer> y_dot,
+                       int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                       int64_t dil_h, int64_t dil_w) {
+  ConvShape s;
+  ffi::Error err = MakeConvShape(x, offset, mask, weight,
+                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  if (err.failure()) return err;
+  err = CheckTangents({&x, &offset, &mask, &weight}, {&x_dot, &offset_dot, &mask_dot, &weight_dot});
+  if (err.failure()) return err;
+  if (y_dot->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("deform_conv2d tangent: y_dot must have x's dtype");
+  }
+  if (s.n * s.ho * s.wo == 0) return ffi::Error::Success();
+  const ffi::AnyBuffer* in[8] = {&x, &offset, &mask, &weight,
+                                 &x_dot, &offset_dot, &mask_dot, &weight_dot};
+  const ParallelFor parallel = PoolParallelFor(pool);
+  void* out = y_dot->untyped_data();
+  switch (x.element_type()) {
+    case ffi::DataType::F32: RunTangent<float>(s, in, out, parallel); break;
+    case ffi::DataType::BF16: RunTangent<BFloat16>(s, in, out, parallel); break;
+    case ffi::DataType::F16: RunTangent<Float16>(s, in, out, parallel); break;
+    case ffi::DataType::F64: RunTangent<double>(s, in, out, parallel); break;
+    default:
+      return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_deform
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformTangentCpu, jax_deform::TangentImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .JAX_DEFORM_TANGENT_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCpu, jax_deform::ForwardImpl,
                               xla::ffi::Ffi::Bind()

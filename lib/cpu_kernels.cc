@@ -221,12 +221,78 @@ void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
   });
 }
 
+template <typename T>
+void TangentCpu(const ConvShape& s, const T* x, const T* offset, const T* mask, const T* weight,
+                const T* x_dot, const T* offset_dot, const T* mask_dot, const T* weight_dot,
+                T* y_dot, const ParallelFor& parallel) {
+  using A = Accum<T>;
+  const int64_t taps = s.taps(), cg = s.channels_per_group(), m = s.multiplier;
+  const int64_t cm = s.out_channels();
+  const std::vector<A> wf = ToAccumVector(weight, taps * cm);
+  const std::vector<A> wdf = ToAccumVector(weight_dot, taps * cm);
+  parallel(s.n * s.ho, [&](int64_t row) {
+    const int64_t n = row / s.ho, oy = row % s.ho;
+    const T* xn = x + n * s.h * s.w * s.c;
+    const T* xdn = x_dot + n * s.h * s.w * s.c;
+    // Per channel of the group: the sample, its tangent along x_dot, and its
+    // derivatives along the sample position.
+    std::vector<A> acc(cm), val(cg), val_dot(cg), dvy(cg), dvx(cg);
+    for (int64_t ox = 0; ox < s.wo; ++ox) {
+      const int64_t pixel = row * s.wo + ox;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t g = 0; g < s.groups; ++g) {
+        for (int64_t k = 0; k < taps; ++k) {
+          const Tap<A> t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
+          A wy[4], wx[4];
+          CornerWeightGrads(t.b, wy, wx);
+          const int64_t oi = OffsetIndex(s, pixel, g, k);
+          const A dy = ToAccum(offset_dot[oi]), dx = ToAccum(offset_dot[oi + 1]);
+          const A m_dot = mask_dot ? ToAccum(mask_dot[MaskIndex(s, pixel, g, k)]) : A(0);
+          std::fill(val.begin(), val.end(), t.b.poison);
+          std::fill(val_dot.begin(), val_dot.end(), t.b.poison);
+          std::fill(dvy.begin(), dvy.end(), t.b.poison);
+          std::fill(dvx.begin(), dvx.end(), t.b.poison);
+          for (int i = 0; i < 4; ++i) {
+            if (t.b.valid[i] == A(0)) continue;
+            const T* xp = xn + t.b.corner[i] * s.c + g * cg;
+            const T* xdp = xdn + t.b.corner[i] * s.c + g * cg;
+            for (int64_t c = 0; c < cg; ++c) {
+              const A xv = ToAccum(xp[c]);
+              val[c] += t.wgt[i] * xv;
+              val_dot[c] += t.wgt[i] * ToAccum(xdp[c]);
+              dvy[c] += wy[i] * xv;
+              dvx[c] += wx[i] * xv;
+            }
+          }
+          // y = sum_k w * mask * sample: the tangent of each factor in turn.
+          const A* wk = &wf[k * cm + g * cg * m];
+          const A* wdk = &wdf[k * cm + g * cg * m];
+          A* a = &acc[g * cg * m];
+          for (int64_t c = 0; c < cg; ++c) {
+            const A sample_dot = val_dot[c] + dvy[c] * dy + dvx[c] * dx;
+            const A by_weight = t.mask * val[c];
+            const A by_rest = m_dot * val[c] + t.mask * sample_dot;
+            for (int64_t j = 0; j < m; ++j) {
+              a[c * m + j] += wdk[c * m + j] * by_weight + wk[c * m + j] * by_rest;
+            }
+          }
+        }
+      }
+      T* yp = y_dot + pixel * cm;
+      for (int64_t o = 0; o < cm; ++o) yp[o] = FromAccum<T>(acc[o]);
+    }
+  });
+}
+
 #define JAX_DEFORM_INSTANTIATE(T)                                              \
   template void ForwardCpu<T>(const ConvShape&, const T*, const T*, const T*,  \
                               const T*, const T*, T*, const ParallelFor&);     \
   template void BackwardCpu<T>(const ConvShape&, const T*, const T*, const T*, \
                                const T*, const T*, Accum<T>*, Accum<T>*,       \
-                               Accum<T>*, Accum<T>*, const ParallelFor&);
+                               Accum<T>*, Accum<T>*, const ParallelFor&);     \
+  template void TangentCpu<T>(const ConvShape&, const T*, const T*, const T*,  \
+                              const T*, const T*, const T*, const T*,          \
+                              const T*, T*, const ParallelFor&);
 JAX_DEFORM_INSTANTIATE(float)
 JAX_DEFORM_INSTANTIATE(BFloat16)
 JAX_DEFORM_INSTANTIATE(Float16)

@@ -33,6 +33,15 @@ void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
                  Accum<T>* grad_offset, Accum<T>* grad_mask, Accum<T>* grad_weight,
                  const ParallelFor& parallel);
 
+// Forward mode: the tangent of y (without bias) along (x_dot, offset_dot,
+// mask_dot, weight_dot), shaped like y; mask and mask_dot are null together.
+// One pass: the sample, its tangent along x_dot and its derivatives along the
+// sample position share each tap's geometry.
+template <typename T>
+void TangentCpu(const ConvShape& s, const T* x, const T* offset, const T* mask, const T* weight,
+                const T* x_dot, const T* offset_dot, const T* mask_dot, const T* weight_dot,
+                T* y_dot, const ParallelFor& parallel);
+
 }  // namespace jax_deform
 
 #endif  // JAX_DEFORM_CPU_KERNELS_H_

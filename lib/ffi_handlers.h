@@ -6,6 +6,7 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformForwardCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformBackwardCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformTangentCpu);  // CPU only: CUDA forward mode falls back
 #ifdef JAX_DEFORM_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformForwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformBackwardCuda);

@@ -75,6 +75,25 @@ inline ffi::Error CheckGradTypes(ffi::DataType x, std::initializer_list<ffi::Dat
   return ffi::Error::Success();
 }
 
+// Checks that each tangent has its primal's shape and dtype (an absent mask
+// has an absent tangent).
+inline ffi::Error CheckTangents(std::initializer_list<const ffi::AnyBuffer*> primals,
+                                std::initializer_list<const ffi::AnyBuffer*> tangents) {
+  auto p = primals.begin();
+  for (const ffi::AnyBuffer* t : tangents) {
+    const ffi::AnyBuffer* primal = *p++;
+    const auto pd = primal->dimensions(), td = t->dimensions();
+    bool same = primal->element_type() == t->element_type() && pd.size() == td.size() &&
+                primal->element_count() == t->element_count();
+    for (size_t i = 0; same && i < pd.size(); ++i) same = pd[i] == td[i];
+    if (!same) {
+      return ffi::Error::InvalidArgument(
+          "deform_conv2d tangent: each tangent must have its operand's shape and dtype");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_deform
 
 // The attributes every handler takes, in one place.
@@ -105,5 +124,19 @@ inline ffi::Error CheckGradTypes(ffi::DataType x, std::initializer_list<ffi::Dat
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .Ret<xla::ffi::AnyBuffer>()
+
+// Forward mode: (x, offset, mask, weight, x_dot, offset_dot, mask_dot,
+// weight_dot) -> y_dot, shaped and typed like y.
+#define JAX_DEFORM_TANGENT_SIGNATURE                                           \
+  Arg<xla::ffi::AnyBuffer>()                                                   \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Ret<xla::ffi::AnyBuffer>()                                              \
+      .JAX_DEFORM_CONV_ATTRS
 
 #endif  // JAX_DEFORM_FFI_SHAPES_H_

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_deform
 from jax_deform import bench, reference
-from jax_deform._ffi import BACKWARD_TARGET, FORWARD_TARGET
+from jax_deform._ffi import BACKWARD_TARGET, FORWARD_TARGET, TANGENT_PLATFORMS, TANGENT_TARGET
 from tests.helpers import make_problem, rel_err
 from tests.sharding_checks import callback_sees_mesh
 from tests.test_sharding import kernel_x_shapes
@@ -249,13 +249,22 @@ def test_grad_is_one_forward_and_one_backward_kernel(rng, argnums):
     assert ops == {FORWARD_TARGET: 1, BACKWARD_TARGET: 1}, dict(ops)
 
 
-def test_jvp_runs_the_forward_kernel_for_the_primal(rng):
+def _tangent_kernels_expected() -> int:
+    return 1 if jax.default_backend() in TANGENT_PLATFORMS else 0
+
+
+def test_jvp_runs_the_forward_and_tangent_kernels(rng):
+    """One device: the primal on the forward kernel, the tangent on the tangent
+    kernel where the build has one (CPU), with no gathers of the fallback."""
     p = _problem(rng)
     ffi, _ = _convs(p)
     args = p.args(jnp.float32)
     f = jax.jit(lambda a, t: jax.jvp(ffi, a, t))
     ops = bench.heavy_ops(f.lower(args, args).compile().as_text())
     assert ops[FORWARD_TARGET] == 1 and ops[BACKWARD_TARGET] == 0, dict(ops)
+    assert ops[TANGENT_TARGET] == _tangent_kernels_expected(), dict(ops)
+    if _tangent_kernels_expected():
+        assert ops["gather"] == 0, dict(ops)
 
 
 # ------------------------------------------------------------------------ meshes
@@ -303,6 +312,8 @@ def test_jvp_on_a_mesh(rng, case, style):
     assert rel_err(y, want_y) < 1e-5
     assert rel_err(y_dot, want_dot) < 1e-5
     assert kernel_x_shapes(hlo) == {NamedSharding(mesh, specs["x"]).shard_shape(args[0].shape)}
+    # A program that XLA partitions evaluates the tangent with the reference.
+    assert bench.heavy_ops(hlo)[TANGENT_TARGET] == 0
     assert NamedSharding(mesh, specs["x"]).is_equivalent_to(y.sharding, 4)
     assert NamedSharding(mesh, specs["x"]).is_equivalent_to(y_dot.sharding, 4)
 
@@ -332,8 +343,12 @@ def test_jvp_and_grad_of_grad_inside_shard_map(rng):
     def put(values):
         return tuple(jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(values, specs))
 
-    got = jax.jit(jax.shard_map(local(ffi), mesh=mesh, in_specs=(specs, specs),
-                                out_specs=(P("data"), P("data"))))(put(args), put(tangents))
+    run = jax.jit(jax.shard_map(local(ffi), mesh=mesh, in_specs=(specs, specs),
+                                out_specs=(P("data"), P("data"))))
+    got = run(put(args), put(tangents))
+    # Per shard the program runs whole: the tangent on the tangent kernel (CPU).
+    hlo = run.lower(put(args), put(tangents)).compile().as_text()
+    assert bench.heavy_ops(hlo)[TANGENT_TARGET] == _tangent_kernels_expected()
     got = [np.asarray(g) for g in got]
     ref_local = jax.jit(local(ref))
     penalty_grad = 0
@@ -361,3 +376,19 @@ def test_checkpointed_grad_and_jvp(rng):
         assert rel_err(g, w) < 1e-9, name
     got = jax.jit(lambda a, t: jax.jvp(checkpointed, a, t)[1])(args, tangents)
     assert rel_err(got, jax.jvp(ref, args, tangents)[1]) < 1e-9
+
+
+@pytest.mark.skipif("cpu" not in TANGENT_PLATFORMS, reason="the build has no CPU tangent kernel")
+def test_tangent_kernel_refuses_a_tangent_unlike_its_operand():
+    """A malformed custom call (not reachable through the API, which builds the
+    tangents from the operands) gets an error, never a read past a buffer."""
+    cpu = jax.devices("cpu")[0]
+    x, off = jnp.ones((1, 5, 5, 2), jnp.float32), jnp.full((1, 5, 5, 18), 0.3, jnp.float32)
+    mask, w = jnp.zeros((0,), jnp.float32), jnp.ones((3, 3, 1, 2), jnp.float32)
+    x, off, mask, w = jax.device_put((x, off, mask, w), cpu)
+    attrs = {k: np.int64(1) for k in ("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")}
+    call = jax.jit(lambda *a: jax.ffi.ffi_call(
+        TANGENT_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))(*a, **attrs))
+    assert np.isfinite(np.asarray(call(x, off, mask, w, x, off, mask, w))).all()
+    with pytest.raises(Exception, match="each tangent must have its operand's shape"):
+        np.asarray(call(x, off, mask, w, x[:, :4], off, mask, w))

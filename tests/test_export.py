@@ -72,7 +72,8 @@ def _check_outputs(path, data, tol=2e-5):
 def test_disabled_checks_names_the_versioned_targets():
     checks = jax_deform.disabled_checks()
     assert checks == [export.DisabledSafetyCheck.custom_call("jax_deform_forward_v1"),
-                      export.DisabledSafetyCheck.custom_call("jax_deform_backward_v1")]
+                      export.DisabledSafetyCheck.custom_call("jax_deform_backward_v1"),
+                      export.DisabledSafetyCheck.custom_call("jax_deform_tangent_v1")]
 
 
 def test_export_without_disabled_checks_is_refused():

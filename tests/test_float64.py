@@ -117,7 +117,8 @@ def test_check_grads_second_order_forward_and_reverse(rng):
     """Forward mode and second order (jvp of jvp, vjp of vjp, jvp of vjp) of
     each operand with the others held fixed. Checking a vjp moves the operand
     and the cotangent together, so the checked function is cubic along the
-    direction for the offsets: eps = 1e-5 keeps that term below 1e-9."""
+    direction for the offsets: eps = 3e-6 keeps that term below 1e-9 (1e-5 left
+    3.5e-9 for some draws, seed 422946402)."""
     p = _off_lattice(make_problem(rng, n=1, h=5, w=5, c=4, groups=2, multiplier=2))
     f, args = _call(p)
     for i, name in enumerate(NAMES):
@@ -125,7 +126,7 @@ def test_check_grads_second_order_forward_and_reverse(rng):
             continue
 
         check_grads(_only(f, args, i), (args[i],), order=2, modes=("fwd", "rev"), atol=1e-9,
-                    rtol=1e-9, eps=1e-5)
+                    rtol=1e-9, eps=3e-6)
 
 
 def test_gradients_are_float64_in_the_kernel_call(rng):
