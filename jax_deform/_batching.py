@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 from jax.interpreters import batching
 
 from jax_deform._primitives import backward_p, forward_p, tangent_p
@@ -36,15 +39,42 @@ def _fold_into_n(a, dim, size):
     return a.reshape((size * a.shape[1],) + a.shape[2:])
 
 
+def _explicit_spec(a):
+    """a's PartitionSpec entries (padded to its rank) when a is sharded over
+    Explicit mesh axes, else None."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return None
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (a.ndim - len(spec))
+
+
+def _reshape_sharded(a, shape, spec):
+    """Reshape to `shape` with the result sharded as `spec` on a's mesh."""
+    return jax.lax.reshape(a, shape, out_sharding=jax.typeof(a).sharding.update(spec=P(*spec)))
+
+
 def _fold_into_last(a, dim, size):
-    """(B, ..., L) -> (..., B*L): the batch index becomes the major part of the last axis."""
+    """(B, ..., L) -> (..., B*L): the batch index becomes the major part of the last axis.
+    A channel axis sharded over Explicit mesh axes stays sharded over them
+    (JAX cannot infer that for a merge with the batch; it moves the data)."""
     a = jnp.moveaxis(_batch_first(a, dim, size), 0, -2)
-    return a.reshape(a.shape[:-2] + (size * a.shape[-1],))
+    shape = a.shape[:-2] + (size * a.shape[-1],)
+    spec = _explicit_spec(a)
+    if spec is None or spec[-1] is None:
+        return a.reshape(shape)
+    return _reshape_sharded(a, shape, (*spec[:-2], spec[-1]))
 
 
 def _unfold_last(a, size):
-    """(..., B*L) -> (..., B, L), batch axis at ndim - 2."""
-    return a.reshape(a.shape[:-1] + (size, a.shape[-1] // size))
+    """(..., B*L) -> (..., B, L), batch axis at ndim - 2; a sharded last axis
+    (Explicit) stays sharded as L."""
+    shape = a.shape[:-1] + (size, a.shape[-1] // size)
+    spec = _explicit_spec(a)
+    if spec is None or spec[-1] is None:
+        return a.reshape(shape)
+    return _reshape_sharded(a, shape, (*spec[:-1], None, spec[-1]))
 
 
 def _batch_size(args, dims):

@@ -384,3 +384,41 @@ def test_vmap_of_gradients_under_set_mesh(rng):
     want = jax.jit(grads)(ops["x"], ops["offset"], ops["mask"], stacked_w)
     for g, w in zip(got, want):
         assert_close(g, w)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_vmap_with_channel_sharded_operands_under_explicit_axes(rng, groups, batch):
+    """Batched weights and vmap of grad fold the batch into the channels; with
+    the channels sharded over Explicit axes the folded axis stays sharded
+    (JAX moves the data), where the plain reshape raised ShardingTypeError.
+    The folded call has batch * groups offset groups: when the 2 channel
+    shards do not divide them it runs on whole channels (still correct)."""
+    mesh = make_mesh((2,), ("model",), AxisType.Explicit)
+    ops = problem(rng, n=2, c=8, groups=groups, multiplier=1)
+    scales = (1.0, -0.5, 2.0)[:batch]
+    stacked_w = np.stack([s * ops["weight"] for s in scales])
+    stacked_x = np.stack([s * ops["x"] for s in scales])
+
+    def batched_weights(x, offset, ws):
+        return jax.vmap(lambda w: jax_deform.deform_conv2d(x, offset, w, **KW))(ws)
+
+    def per_example_grads(xs, offset, w):
+        def one(x):
+            return jax.grad(lambda x, w: jnp.sum(jnp.sin(jax_deform.deform_conv2d(
+                x, offset, w, **KW))), argnums=(0, 1))(x, w)
+        return jax.vmap(one)(xs)
+
+    channels = NamedSharding(mesh, P(None, None, None, "model"))
+    stacked = NamedSharding(mesh, P(None, None, None, None, "model"))
+    x, w = jax.device_put(ops["x"], channels), jax.device_put(ops["weight"], channels)
+    xs, ws = jax.device_put(stacked_x, stacked), jax.device_put(stacked_w, stacked)
+    sharded_out = (batch * groups) % 2 == 0
+    got = jax.jit(batched_weights)(x, ops["offset"], ws)
+    assert got.sharding.spec[-1] == "model" or not sharded_out
+    assert_close(got, jax.jit(batched_weights)(ops["x"], ops["offset"], stacked_w))
+    got_grads = jax.jit(per_example_grads)(xs, ops["offset"], w)
+    want_grads = jax.jit(per_example_grads)(stacked_x, ops["offset"], ops["weight"])
+    for g, want in zip(got_grads, want_grads):
+        assert g.sharding.spec[-1] == "model" or not sharded_out
+        assert_close(g, want)
