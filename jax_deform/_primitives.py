@@ -8,6 +8,7 @@ Operands are always NHWC. An absent mask or bias travels as an empty array
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -177,9 +178,11 @@ def _tangent_lowering(ctx, *args, params: ConvParams, deterministic: bool):
 
 
 # Not cacheable: the choice above depends on where in the program the call is
-# lowered, which the lowering cache's key does not see.
-for _platform in TANGENT_PLATFORMS:
-    mlir.register_lowering(tangent_p, _tangent_lowering, platform=_platform, cacheable=False)
+# lowered, which the lowering cache's key does not see. A jax whose
+# register_lowering has no such switch keeps the fallback everywhere.
+if "cacheable" in inspect.signature(mlir.register_lowering).parameters:
+    for _platform in TANGENT_PLATFORMS:
+        mlir.register_lowering(tangent_p, _tangent_lowering, platform=_platform, cacheable=False)
 mlir.register_lowering(tangent_p, _tangent_fallback_lowering)
 
 
