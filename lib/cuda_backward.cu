@@ -206,6 +206,7 @@ constexpr int kSampleWarps = 8;
 constexpr int kSampleVec = 4;   // channels per lane access (16 bytes in float32)
 constexpr int kSampleTaps = 9;  // taps per block (kernels with more taps use grid.z chunks)
 constexpr int kSampleSums = 32; // 3 sums per tap, padded to the butterfly's width
+static_assert(3 * kSampleTaps <= kSampleSums, "a tap chunk's sums must fit one butterfly");
 
 // Sums a[0..32) over the L lanes of each sub-warp; afterwards lane l of the
 // sub-warp holds the sum of a[l * (32 / L) + j] in a[j], j < 32 / L.
