@@ -77,8 +77,10 @@ MUTANTS = [
            "  u += 0x7fffu + ((u >> 16) & 1u);\n", "",
            (HALF, "-k", "cpu")),
     Mutant("grad_mask loses its NaN for NaN offsets", "lib/cpu_kernels.cc",
-           "std::fill(val.begin(), val.end(), t.b.poison);",
-           "std::fill(val.begin(), val.end(), 0.f);",
+           "std::fill(val.begin(), val.end(), t.b.poison);\n"
+           "          std::fill(dvy.begin(), dvy.end(), t.b.poison);",
+           "std::fill(val.begin(), val.end(), 0.f);\n"
+           "          std::fill(dvy.begin(), dvy.end(), t.b.poison);",
            (HOSTILE_BACKWARD, "-k", "cpu")),
     Mutant("Flax mask = 1 + tanh(logits) instead of 2 * sigmoid(logits)", "jax_deform/_flax_common.py",
            "mask = 2.0 * jax.nn.sigmoid(pred[..., n_off:])",
