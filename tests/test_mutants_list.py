@@ -3,13 +3,17 @@ string occurs exactly once in the file it mutates (a second copy of a line,
 as a new kernel can bring, would make the mutant ambiguous), and the
 mutation changes that text."""
 
+import os
 import pathlib
 
 import pytest
 
 from tests import mutants
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The checkout; tools/test_installed.sh runs the tests from a copy of tests/
+# and names the checkout here.
+ROOT = pathlib.Path(os.environ.get("JAX_DEFORM_SOURCE_TREE",
+                                   pathlib.Path(__file__).resolve().parents[1]))
 
 
 @pytest.mark.parametrize("mutant", mutants.MUTANTS, ids=lambda m: m.name)
