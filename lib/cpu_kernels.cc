@@ -56,6 +56,29 @@ void Interpolate(const ConvShape& s, const Tap<A>& t, const T* xn, int64_t c0,
   }
 }
 
+// The sample (val) and its derivatives along the sample position (dvy, dvx)
+// for channels [c0, c0 + count) of image xn: what the backward's offset and
+// mask gradients and the forward-mode tangent both need.
+template <typename T, typename A>
+void InterpolateWithGrads(const ConvShape& s, const Tap<A>& t, const T* xn, int64_t c0,
+                          int64_t count, A* val, A* dvy, A* dvx) {
+  A wy[4], wx[4];
+  CornerWeightGrads(t.b, wy, wx);
+  std::fill(val, val + count, t.b.poison);
+  std::fill(dvy, dvy + count, t.b.poison);
+  std::fill(dvx, dvx + count, t.b.poison);
+  for (int i = 0; i < 4; ++i) {
+    if (t.b.valid[i] == A(0)) continue;
+    const T* xp = xn + t.b.corner[i] * s.c + c0;
+    for (int64_t c = 0; c < count; ++c) {
+      const A xv = ToAccum(xp[c]);
+      val[c] += t.wgt[i] * xv;
+      dvy[c] += wy[i] * xv;
+      dvx[c] += wx[i] * xv;
+    }
+  }
+}
+
 // gcol[c] = sum_j weight[k, c*M + j] * grad_y[c*M + j] for channels [c0, c0 + count).
 template <typename A>
 void ColumnGrad(const ConvShape& s, const A* wk, const A* gy, int64_t c0,
@@ -130,22 +153,8 @@ void BackwardCpu(const ConvShape& s, const T* x, const T* offset, const T* mask,
       for (int64_t g = 0; g < s.groups; ++g) {
         for (int64_t k = 0; k < taps; ++k) {
           const Tap<A> t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
-          A wy[4], wx[4];
-          CornerWeightGrads(t.b, wy, wx);
           ColumnGrad(s, &wf[k * cm], gy.data(), g * cg, cg, gcol.data());
-          std::fill(val.begin(), val.end(), t.b.poison);
-          std::fill(dvy.begin(), dvy.end(), t.b.poison);
-          std::fill(dvx.begin(), dvx.end(), t.b.poison);
-          for (int i = 0; i < 4; ++i) {
-            if (t.b.valid[i] == A(0)) continue;
-            const T* xp = xn + t.b.corner[i] * s.c + g * cg;
-            for (int64_t c = 0; c < cg; ++c) {
-              const A xv = ToAccum(xp[c]);
-              val[c] += t.wgt[i] * xv;
-              dvy[c] += wy[i] * xv;
-              dvx[c] += wx[i] * xv;
-            }
-          }
+          InterpolateWithGrads(s, t, xn, g * cg, cg, val.data(), dvy.data(), dvx.data());
           A sum_val = A(0), sum_dy = A(0), sum_dx = A(0);
           for (int64_t c = 0; c < cg; ++c) {
             sum_val += gcol[c] * val[c];
@@ -243,27 +252,11 @@ void TangentCpu(const ConvShape& s, const T* x, const T* offset, const T* mask, 
       for (int64_t g = 0; g < s.groups; ++g) {
         for (int64_t k = 0; k < taps; ++k) {
           const Tap<A> t = MakeTap(s, offset, mask, pixel, oy, ox, g, k);
-          A wy[4], wx[4];
-          CornerWeightGrads(t.b, wy, wx);
           const int64_t oi = OffsetIndex(s, pixel, g, k);
           const A dy = ToAccum(offset_dot[oi]), dx = ToAccum(offset_dot[oi + 1]);
           const A m_dot = mask_dot ? ToAccum(mask_dot[MaskIndex(s, pixel, g, k)]) : A(0);
-          std::fill(val.begin(), val.end(), t.b.poison);
-          std::fill(val_dot.begin(), val_dot.end(), t.b.poison);
-          std::fill(dvy.begin(), dvy.end(), t.b.poison);
-          std::fill(dvx.begin(), dvx.end(), t.b.poison);
-          for (int i = 0; i < 4; ++i) {
-            if (t.b.valid[i] == A(0)) continue;
-            const T* xp = xn + t.b.corner[i] * s.c + g * cg;
-            const T* xdp = xdn + t.b.corner[i] * s.c + g * cg;
-            for (int64_t c = 0; c < cg; ++c) {
-              const A xv = ToAccum(xp[c]);
-              val[c] += t.wgt[i] * xv;
-              val_dot[c] += t.wgt[i] * ToAccum(xdp[c]);
-              dvy[c] += wy[i] * xv;
-              dvx[c] += wx[i] * xv;
-            }
-          }
+          InterpolateWithGrads(s, t, xn, g * cg, cg, val.data(), dvy.data(), dvx.data());
+          Interpolate(s, t, xdn, g * cg, cg, val_dot.data());  // linear in x: x_dot's sample
           // y = sum_k w * mask * sample: the tangent of each factor in turn.
           const A* wk = &wf[k * cm + g * cg * m];
           const A* wdk = &wdf[k * cm + g * cg * m];

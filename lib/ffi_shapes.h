@@ -104,38 +104,26 @@ inline ffi::Error CheckTangents(std::initializer_list<const ffi::AnyBuffer*> pri
 // Operands and results shared by the CPU and CUDA bindings (after their
 // platform context): forward (x, offset, mask, weight, bias) -> y; backward
 // (x, offset, mask, weight, grad_y) -> grads of x, offset, mask, weight (float32;
-// float64 for float64 operands).
+// float64 for float64 operands); forward mode (x, offset, mask, weight, x_dot,
+// offset_dot, mask_dot, weight_dot) -> y_dot, shaped and typed like y.
 // An absent mask or bias is an empty buffer.
-#define JAX_DEFORM_FORWARD_SIGNATURE                                           \
+#define JAX_DEFORM_CONV_OPERANDS                                               \
   Arg<xla::ffi::AnyBuffer>()                                                   \
       .Arg<xla::ffi::AnyBuffer>()                                              \
       .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
+      .Arg<xla::ffi::AnyBuffer>()
+#define JAX_DEFORM_FORWARD_SIGNATURE                                           \
+  JAX_DEFORM_CONV_OPERANDS.Arg<xla::ffi::AnyBuffer>()                          \
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .JAX_DEFORM_CONV_ATTRS
 #define JAX_DEFORM_BACKWARD_OPERANDS                                           \
-  Arg<xla::ffi::AnyBuffer>()                                                   \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
+  JAX_DEFORM_CONV_OPERANDS.Arg<xla::ffi::AnyBuffer>()                          \
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .Ret<xla::ffi::AnyBuffer>()
-
-// Forward mode: (x, offset, mask, weight, x_dot, offset_dot, mask_dot,
-// weight_dot) -> y_dot, shaped and typed like y.
 #define JAX_DEFORM_TANGENT_SIGNATURE                                           \
-  Arg<xla::ffi::AnyBuffer>()                                                   \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
-      .Arg<xla::ffi::AnyBuffer>()                                              \
+  JAX_DEFORM_CONV_OPERANDS.JAX_DEFORM_CONV_OPERANDS                            \
       .Ret<xla::ffi::AnyBuffer>()                                              \
       .JAX_DEFORM_CONV_ATTRS
 

@@ -77,10 +77,8 @@ MUTANTS = [
            "  u += 0x7fffu + ((u >> 16) & 1u);\n", "",
            (HALF, "-k", "cpu")),
     Mutant("grad_mask loses its NaN for NaN offsets", "lib/cpu_kernels.cc",
-           "std::fill(val.begin(), val.end(), t.b.poison);\n"
-           "          std::fill(dvy.begin(), dvy.end(), t.b.poison);",
-           "std::fill(val.begin(), val.end(), 0.f);\n"
-           "          std::fill(dvy.begin(), dvy.end(), t.b.poison);",
+           "std::fill(val, val + count, t.b.poison);\n  std::fill(dvy, dvy + count, t.b.poison);",
+           "std::fill(val, val + count, 0.f);\n  std::fill(dvy, dvy + count, t.b.poison);",
            (HOSTILE_BACKWARD, "-k", "cpu")),
     Mutant("Flax mask = 1 + tanh(logits) instead of 2 * sigmoid(logits)", "jax_deform/_flax_common.py",
            "mask = 2.0 * jax.nn.sigmoid(pred[..., n_off:])",
@@ -109,7 +107,8 @@ MUTANTS = [
            "sum += wk[(c0 + c) * m] * gy[(c0 + c) * m + j];",
            (GRADIENTS, "-k", "cpu")),
     Mutant("forward: NaN sample position no longer poisons", "lib/cpu_kernels.cc",
-           "std::fill(val, val + count, t.b.poison);", "std::fill(val, val + count, 0.f);",
+           "std::fill(val, val + count, t.b.poison);\n  for (int i = 0; i < 4; ++i) {",
+           "std::fill(val, val + count, 0.f);\n  for (int i = 0; i < 4; ++i) {",
            ("tests/test_hostile.py", "-k", "extreme_offsets and cpu")),
     Mutant("float16 output truncated instead of rounded", "lib/cpu_dtypes.h",
            "  r += 0xfffu + ((r >> 13) & 1u);\n", "",
