@@ -3,7 +3,8 @@
 # step; about 2 minutes on one GPU after the build):
 #   bash benchmarks/profile_run.sh OUT_DIR [N,H,W,C] [dtype]
 # For each of the forward, the backward's sample kernel and the grad_x gather:
-# speed of light, occupancy, warp stall reasons, memory workload; reports as
+# speed of light, occupancy, warp stall reasons (and where in the source they
+# sit), memory and compute workload; reports as
 # text in OUT_DIR/<kernel>.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,8 @@ JAX_DEFORM_CUDA=ON JAX_DEFORM_CUDA_ARCHITECTURES=90 \
 for kernel in ForwardKernel BackwardSampleKernel GatherKernel; do
   timeout 240 "$ncu" --kernel-name "regex:$kernel" --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
-    --section MemoryWorkloadAnalysis --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section LaunchStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
     python3 benchmarks/profile_one.py "$shape" "$dtype" > "$out/$kernel.txt" 2>&1
   echo "$kernel: exit $?"
   grep -E "Duration|Registers Per|Achieved Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|Stall" \

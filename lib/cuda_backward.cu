@@ -235,6 +235,38 @@ struct SamplePlan {
   int64_t pixels_per_block, blocks_x;
 };
 
+// What the sample kernel needs of one (pixel, tap), made once per pixel by
+// the lane that owns the tap and read by all lanes of the sub-warp: where
+// each corner's channels start in x (byte offset of channel 0, image
+// included; -1 where the corner lies outside the image), the bilinear
+// weights and their y and x derivatives. Whole indices and ready weights keep
+// the channel loop to the loads and multiply-adds (redoing corner * C in 64
+// bits and the weights in every lane cost as much as the sampling itself).
+template <typename A>
+struct alignas(16) SampleTapOf {
+  int64_t start[4];
+  A wgt[4], wy[4], wx[4];
+  A mask, poison;
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, int64_t pixel, int64_t k,
+                                                        const TapOperands<A>& in) {
+  const TapGeometryOf<A> t = GeometryOf(s, pixel, k, in);
+  const BilinearOf<A> b = ToBilinear(t);
+  SampleTapOf<A> tap;
+  CornerWeights(b, tap.wgt);
+  CornerWeightGrads(b, tap.wy, tap.wx);
+  const int64_t image_start = pixel / (s.ho * s.wo) * (s.h * s.w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    tap.start[i] = (t.valid >> i) & 1u ? (image_start + t.corner[i]) * s.c * int64_t{sizeof(T)} : -1;
+  }
+  tap.mask = t.mask;
+  tap.poison = t.poison;
+  return tap;
+}
+
 inline bool SampleKernelFits(const ConvShape& s, bool wide) {
   return !wide && s.multiplier == 1 && s.channels_per_group() % kSampleVec == 0;
 }
@@ -260,7 +292,7 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
 
 template <typename A>
 inline size_t SampleSharedBytes(const SamplePlan& p) {
-  return kSampleWarps * (32 / p.lanes) * kSampleTaps * sizeof(TapGeometryOf<A>) +
+  return kSampleWarps * (32 / p.lanes) * kSampleTaps * sizeof(SampleTapOf<A>) +
          kSampleTaps * kSampleVec * kSampleWarps * 32 * sizeof(A);
 }
 
@@ -277,15 +309,15 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
   constexpr int V = kSampleVec, KC = kSampleTaps, kSub = 32 / L, kPer = kSampleSums / L;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
-  TapGeometryOf<A>* geo = reinterpret_cast<TapGeometryOf<A>*>(smem) + (warp * kSub + sub) * KC;
+  SampleTapOf<A>* geo = reinterpret_cast<SampleTapOf<A>*>(smem) + (warp * kSub + sub) * KC;
   // grad_weight accumulators [KC][threads][V]: one 16-byte access per tap.
-  A* weight_sums = reinterpret_cast<A*>(reinterpret_cast<TapGeometryOf<A>*>(smem) +
+  A* weight_sums = reinterpret_cast<A*>(reinterpret_cast<SampleTapOf<A>*>(smem) +
                                         kSampleWarps * kSub * KC);
   A* my_weight_sums = weight_sums + threadIdx.x * V;
   const int tap_stride = blockDim.x * V;
 
   const int64_t taps = s.taps(), cg = s.channels_per_group(), cm = s.out_channels();
-  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo, pixels = s.n * img_pixels;
+  const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t g = blockIdx.y / plan.slices;
   const int slice = blockIdx.y % plan.slices;
   const int vec = slice * L + lane;
@@ -322,7 +354,7 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
 #pragma unroll
     for (int r = 0; r < kAhead; ++r) {
       const int t = lane + r * L;
-      if (pixel_valid && t < kc) geo[t] = GeometryOf(s, pixel, k0 + t, ahead[r]);
+      if (pixel_valid && t < kc) geo[t] = MakeSampleTap<T>(s, pixel, k0 + t, ahead[r]);
     }
     __syncwarp();
     load_ahead(pixel + kStep);
@@ -330,19 +362,14 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
 #pragma unroll
     for (int i = 0; i < kSampleSums; ++i) sums[i] = A(0);
     if (pixel_valid && channels_active) {
-      const int64_t image = pixel / img_pixels;
-      const T* xc = x + image * hw * s.c + c;
-      A* gxc = grad_x + image * hw * s.c + c;
+      const char* xc = reinterpret_cast<const char*>(x + c);
+      A* gxc = grad_x + c;
       A gy[V];
       LoadVec<T, V>(grad_y + pixel * cm + c, gy);
 #pragma unroll
       for (int t = 0; t < KC; ++t) {
         if (t < kc) {
-          const TapGeometryOf<A> tg = geo[t];
-          const BilinearOf<A> b = ToBilinear(tg);
-          A wgt[4], wy[4], wx[4];
-          CornerWeights(b, wgt);
-          CornerWeightGrads(b, wy, wx);
+          const SampleTapOf<A>& tap = geo[t];
           A wv[V], gcol[V];
           LoadVec<T, V>(weight + (k0 + t) * cm + c, wv);
 #pragma unroll
@@ -353,32 +380,41 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
           // derivatives, so per channel only the masked sample value (for
           // grad_weight) is formed: 8 multiply-adds a channel and corner
           // fewer than sampling value, d/dy and d/dx per channel.
-          A wm[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) wm[i] = tg.mask * wgt[i];
+          const A mask_t = tap.mask, poison = tap.poison;
           A val_m[V];
 #pragma unroll
-          for (int v = 0; v < V; ++v) val_m[v] = tg.poison;
-          A sum_val = tg.poison, sum_dy = tg.poison, sum_dx = tg.poison;
+          for (int v = 0; v < V; ++v) val_m[v] = poison;
+          // All four corners are loaded before any is used (zeros outside the
+          // image, whose weights are zero too), so their loads are in flight
+          // together rather than one branch at a time.
+          A corner[4][V];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            if (!((tg.valid >> i) & 1u)) continue;
-            A corner[V];
-            LoadVec<T, V>(xc + static_cast<int64_t>(tg.corner[i]) * s.c, corner);
+            if (tap.start[i] >= 0) {
+              LoadVec<T, V>(reinterpret_cast<const T*>(xc + tap.start[i]), corner[i]);
+            } else {
+#pragma unroll
+              for (int v = 0; v < V; ++v) corner[i][v] = A(0);
+            }
+          }
+          A sum_val = poison, sum_dy = poison, sum_dx = poison;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const A wm = mask_t * tap.wgt[i];
             A dot = A(0);
 #pragma unroll
             for (int v = 0; v < V; ++v) {
-              val_m[v] += wm[i] * corner[v];
-              dot += gcol[v] * corner[v];
+              val_m[v] += wm * corner[i][v];
+              dot += gcol[v] * corner[i][v];
             }
-            sum_val += wgt[i] * dot;
-            sum_dy += wy[i] * dot;
-            sum_dx += wx[i] * dot;
-            if (scatter) {
+            sum_val += tap.wgt[i] * dot;
+            sum_dy += tap.wy[i] * dot;
+            sum_dx += tap.wx[i] * dot;
+            if (scatter && tap.start[i] >= 0) {
               A contrib[V];
 #pragma unroll
-              for (int v = 0; v < V; ++v) contrib[v] = wm[i] * gcol[v];
-              AtomicAddVec<V>(gxc + static_cast<int64_t>(tg.corner[i]) * s.c, contrib);
+              for (int v = 0; v < V; ++v) contrib[v] = wm * gcol[v];
+              AtomicAddVec<V>(gxc + tap.start[i] / int64_t{sizeof(T)}, contrib);
             }
           }
           sums[3 * t] += sum_val;
@@ -535,7 +571,13 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
                                          : BackwardSampleKernel<T, 8>;
   const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
                   static_cast<unsigned>(p.chunks));
-  fn<<<grid, kSampleWarps * 32, SampleSharedBytes<float>(p), stream>>>(
+  const size_t smem = SampleSharedBytes<float>(p);
+  if (smem > 48 * 1024) {  // sub-warps of 8 or 16 lanes: more tap tables than the default allows
+    const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  fn<<<grid, kSampleWarps * 32, smem, stream>>>(
       s, p, !gather, x, offset, mask, weight, grad_y, grad_x, grad_offset, grad_mask, slice_partial,
       weight_partial);
   cudaError_t err = cudaGetLastError();

@@ -14,12 +14,15 @@ namespace {
 
 using namespace cuda_detail;  // NOLINT: this file's own helpers
 
-// What the forward needs of one (pixel, tap): corner pixel indices (-1 where
-// the corner lies outside the image and is not read) and weights with the
-// mask folded in. Two 16-byte shared-memory loads per tap (three for double).
+// What the forward needs of one (pixel, tap): where each corner's channels
+// start in x (byte offset of channel 0, image included; -1 where the corner
+// lies outside the image and is not read) and the weights with the mask folded
+// in. Whole byte offsets, so the channel loop adds one 64-bit value per corner
+// instead of redoing corner * C in 64 bits (that arithmetic was half of the
+// loop's instructions).
 template <typename A>
 struct alignas(16) ForwardTapOf {
-  int corner[4];
+  int64_t start[4];
   A weight[4];
 };
 
@@ -29,6 +32,7 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
                                 ForwardTapOf<Accum<T>>* taps_out) {
   using A = Accum<T>;
   const int taps = static_cast<int>(s.taps());
+  const int64_t img_pixels = s.ho * s.wo, hw = s.h * s.w;
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
   }
@@ -38,14 +42,15 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
     const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
     A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
+    const int64_t image_start = pixel / img_pixels * hw;
     ForwardTapOf<A> f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      f.corner[i] = (t.valid >> i) & 1u ? t.corner[i] : -1;
+      f.start[i] = (t.valid >> i) & 1u ? (image_start + t.corner[i]) * s.c * int64_t{sizeof(T)} : -1;
       f.weight[i] = t.mask * wgt[i];
     }
     if (t.poison != A(0) || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
-      f.corner[0] = 0;
+      f.start[0] = image_start * s.c * int64_t{sizeof(T)};
       f.weight[0] = t.poison;
     }
     taps_out[e] = f;
@@ -71,7 +76,6 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 
   const int taps = KT > 0 ? KT : static_cast<int>(s.taps());
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
-  const int64_t hw = s.h * s.w, img_pixels = s.ho * s.wo;
   // Small problems also split the channels of a group over grid.z, to fill the GPU.
   const int vec_begin = blockIdx.z * vectors_per_split;
   const int vec_end = min(static_cast<int>(cg / V), vec_begin + vectors_per_split);
@@ -87,7 +91,7 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
       for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += groups_of_pixels) {
         const int64_t pixel = pixel_of[lp];
         if (pixel < 0) continue;
-        const T* xc = x + (pixel / img_pixels) * hw * s.c + c;
+        const char* xc = reinterpret_cast<const char*>(x + c);
         A acc[V * MB];
 #pragma unroll
         for (int i = 0; i < V * MB; ++i) acc[i] = A(0);
@@ -100,9 +104,9 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
           for (int v = 0; v < V; ++v) val[v] = A(0);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            if (t.corner[i] < 0) continue;
+            if (t.start[i] < 0) continue;
             A corner[V];
-            LoadVec<T, V>(xc + static_cast<int64_t>(t.corner[i]) * s.c, corner);
+            LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
 #pragma unroll
             for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
           }
@@ -170,18 +174,22 @@ ForwardFn<T> PickForward(const ConvShape& s, const Plan& p) {
     return ForwardKernel<T, kVec, 1, 0, 1>;
   } else {
     // Measured on an H200 (benchmarks/RESULTS.md): float32 3x3 with many
-    // channels runs faster with its weights in registers and no register cap;
-    // everything else (bfloat16/float16 above all: 160+ registers) with the
-    // weights read per tap and a cap of 64 registers (4 blocks per SM).
+    // channels runs fastest with its weights in registers and a cap of 128
+    // registers (2 blocks per SM; uncapped it takes 135 and fits one);
+    // everything else (bfloat16 above all) with the weights read per tap and
+    // a cap of 64 registers (4 blocks per SM).
     const bool wide_f32 = sizeof(T) == 4 && s.taps() == 9 && s.channels_per_group() >= 256;
     const bool registers = s.taps() == 9 && (tune.forward_weights_in_registers >= 0
                                                  ? tune.forward_weights_in_registers > 0
                                                  : wide_f32);
     const int min_blocks = tune.forward_min_blocks > 0 ? tune.forward_min_blocks
-                           : registers                 ? 1
+                           : registers                 ? 2
                                                        : 4;
     if (min_blocks >= 4) {
       return registers ? ForwardKernel<T, kVec, 1, 9, 4> : ForwardKernel<T, kVec, 1, 0, 4>;
+    }
+    if (min_blocks == 2) {
+      return registers ? ForwardKernel<T, kVec, 1, 9, 2> : ForwardKernel<T, kVec, 1, 0, 2>;
     }
     return registers ? ForwardKernel<T, kVec, 1, 9, 1> : ForwardKernel<T, kVec, 1, 0, 1>;
   }

@@ -107,9 +107,11 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
   }
 }
 
-// One warp per destination; each lane keeps R vectors of V channels.
+// One warp per destination; each lane keeps R vectors of V channels. Three
+// blocks per SM leave the registers to keep an entry's 2R loads in flight
+// (with more blocks the compiler serialized them).
 template <typename T, int V, int R>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
                  const unsigned* __restrict__ starts, const unsigned long long* __restrict__ entries,
                  const Accum<T>* __restrict__ scales, Accum<T>* __restrict__ grad_x) {
@@ -123,6 +125,14 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned taps = static_cast<unsigned>(s.taps());
   const int vectors = static_cast<int>(cg / V);
   for (int base = 0; base < vectors; base += 32 * R) {
+    // Where this lane's R vectors sit in a row of grad_y and weight. Lanes past
+    // the group's channels read the last vector and never store it, so every
+    // load is unconditional and all 2R of an entry are in flight together.
+    int64_t col[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      col[r] = (g * cg + static_cast<int64_t>(min(base + lane + 32 * r, vectors - 1)) * V) * m;
+    }
     A acc[R][V];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -148,20 +158,23 @@ __global__ void __launch_bounds__(kThreads)
         const unsigned pixel = where / taps, k = where - pixel * taps;
         const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
         const T* wk = weight + static_cast<int64_t>(k) * cm;
+        if (V > 1 || m == 1) {
+          A gv[R][V], wv[R][V];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int vec = base + lane + 32 * r;
-          if (vec >= vectors) continue;
-          const int64_t c = g * cg + static_cast<int64_t>(vec) * V;
-          if (V > 1 || m == 1) {
-            A gv[V], wv[V];
-            LoadVec<T, V>(gy + c * m, gv);
-            LoadVec<T, V>(wk + c * m, wv);
+          for (int r = 0; r < R; ++r) {
+            LoadVec<T, V>(gy + col[r], gv[r]);
+            LoadVec<T, V>(wk + col[r], wv[r]);
+          }
 #pragma unroll
-            for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[v] * wv[v]);
-          } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+          for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[r][v] * wv[r][v]);
+          }
+        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
             A sum = A(0);
-            for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[c * m + jj]) * ToF(gy[c * m + jj]);
+            for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
             acc[r][0] += scale * sum;
           }
         }
