@@ -257,7 +257,7 @@ __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, int6
   SampleTapOf<A> tap;
   CornerWeights(b, tap.wgt);
   CornerWeightGrads(b, tap.wy, tap.wx);
-  const int64_t image_start = pixel / (s.ho * s.wo) * (s.h * s.w);
+  const int64_t image_start = DecodePixel(s, pixel).image * (s.h * s.w);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     tap.start[i] = (t.valid >> i) & 1u ? (image_start + t.corner[i]) * s.c * int64_t{sizeof(T)} : -1;

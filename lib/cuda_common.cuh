@@ -122,13 +122,30 @@ __device__ __forceinline__ TapOperands<Accum<T>> LoadTapOperands(
           mask ? ToF(mask[MaskIndex(s, pixel, g, k)]) : Accum<T>(1)};
 }
 
+// An output pixel's image and position. 32-bit division wherever the pixel
+// count allows (every realistic problem): 64-bit division is a long
+// subroutine, and the geometry of each (pixel, tap) did several.
+struct PixelAt {
+  int64_t image, oy, ox;
+};
+
+__device__ __forceinline__ PixelAt DecodePixel(const ConvShape& s, int64_t pixel) {
+  if (s.n * s.ho * s.wo <= INT32_MAX) {
+    const unsigned p = static_cast<unsigned>(pixel), wo = static_cast<unsigned>(s.wo),
+                   ho = static_cast<unsigned>(s.ho);
+    const unsigned row = p / wo;
+    return {row / ho, row % ho, p - row * wo};
+  }
+  return {pixel / (s.ho * s.wo), (pixel / s.wo) % s.ho, pixel % s.wo};
+}
+
 template <typename A>
 __device__ __forceinline__ TapGeometryOf<A> GeometryOf(const ConvShape& s, int64_t pixel, int64_t k,
                                                        const TapOperands<A>& in) {
-  const int64_t ox = pixel % s.wo;
-  const int64_t oy = (pixel / s.wo) % s.ho;
+  const PixelAt at = DecodePixel(s, pixel);
+  const int tap = static_cast<int>(k), kw = static_cast<int>(s.kw);  // taps fit in int
   A py, px;
-  SamplePosition(s, oy, ox, k / s.kw, k % s.kw, in.dy, in.dx, &py, &px);
+  SamplePosition(s, at.oy, at.ox, tap / kw, tap % kw, in.dy, in.dx, &py, &px);
   const BilinearOf<A> b = MakeBilinear(py, px, s.h, s.w);
   TapGeometryOf<A> t;
 #pragma unroll
@@ -172,10 +189,12 @@ struct TileGrid {
 };
 
 // Global output pixel index of tile-local pixel lp, or -1 past the edge.
-__device__ __forceinline__ int64_t TilePixel(const ConvShape& s, const TileGrid& t, int64_t tile,
+// Tiles are numbered by blockIdx.x, so 32-bit division suffices.
+__device__ __forceinline__ int64_t TilePixel(const ConvShape& s, const TileGrid& t, unsigned tile,
                                              int lp) {
-  const int64_t tx = tile % t.tiles_x, ty = (tile / t.tiles_x) % t.tiles_y;
-  const int64_t image = tile / (t.tiles_x * t.tiles_y);
+  const unsigned tiles_x = static_cast<unsigned>(t.tiles_x), tiles_y = static_cast<unsigned>(t.tiles_y);
+  const unsigned row = tile / tiles_x;
+  const int64_t tx = tile - row * tiles_x, ty = row % tiles_y, image = row / tiles_y;
   const int64_t oy = ty * (t.pixels / t.width) + lp / t.width;
   const int64_t ox = tx * t.width + lp % t.width;
   return (oy < s.ho && ox < s.wo) ? (image * s.ho + oy) * s.wo + ox : -1;

@@ -32,7 +32,7 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
                                 ForwardTapOf<Accum<T>>* taps_out) {
   using A = Accum<T>;
   const int taps = static_cast<int>(s.taps());
-  const int64_t img_pixels = s.ho * s.wo, hw = s.h * s.w;
+  const int64_t hw = s.h * s.w;
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
   }
@@ -42,7 +42,7 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
     const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
     A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
-    const int64_t image_start = pixel / img_pixels * hw;
+    const int64_t image_start = DecodePixel(s, pixel).image * hw;
     ForwardTapOf<A> f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

@@ -83,7 +83,7 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
     const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, k);
     A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
-    const int64_t image = pixel / (s.ho * s.wo);
+    const int64_t image = DecodePixel(s, pixel).image;
     const unsigned long long where = static_cast<unsigned long long>(pixel * taps + k);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -107,31 +107,35 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
   }
 }
 
-// One warp per destination; each lane keeps R vectors of V channels. Three
-// blocks per SM leave the registers to keep an entry's 2R loads in flight
-// (with more blocks the compiler serialized them).
-template <typename T, int V, int R>
+// One warp per destination, or for groups of 16 vectors or fewer one
+// sub-warp of L lanes (32 / L destinations a warp); each lane keeps R vectors
+// of V channels. Three blocks per SM leave the registers to keep an entry's
+// 2R loads in flight (with more blocks the compiler serialized them).
+template <typename T, int V, int R, int L>
 __global__ void __launch_bounds__(kThreads, 3)
     GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
                  const unsigned* __restrict__ starts, const unsigned long long* __restrict__ entries,
                  const Accum<T>* __restrict__ scales, Accum<T>* __restrict__ grad_x) {
   using A = Accum<T>;
-  const int64_t dest = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (dest >= Destinations(s)) return;
-  const int lane = threadIdx.x % 32;
+  const int sub = (threadIdx.x % 32) / L;
+  const int64_t dest =
+      (static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32) * (32 / L) + sub;
+  if (dest >= Destinations(s)) return;  // the whole sub-warp: it shares dest
+  const int lane = threadIdx.x % L;
+  const unsigned lanes_mask = L == 32 ? 0xffffffffu : ((1u << L) - 1u) << (sub * L);
   const unsigned begin = starts[dest], end = starts[dest + 1];
   const int64_t g = dest % s.groups, in_pixel = dest / s.groups;
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const unsigned taps = static_cast<unsigned>(s.taps());
   const int vectors = static_cast<int>(cg / V);
-  for (int base = 0; base < vectors; base += 32 * R) {
+  for (int base = 0; base < vectors; base += L * R) {
     // Where this lane's R vectors sit in a row of grad_y and weight. Lanes past
     // the group's channels read the last vector and never store it, so every
     // load is unconditional and all 2R of an entry are in flight together.
     int64_t col[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      col[r] = (g * cg + static_cast<int64_t>(min(base + lane + 32 * r, vectors - 1)) * V) * m;
+      col[r] = (g * cg + static_cast<int64_t>(min(base + lane + L * r, vectors - 1)) * V) * m;
     }
     A acc[R][V];
 #pragma unroll
@@ -139,15 +143,15 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[r][v] = A(0);
     }
-    // The warp reads 32 entries with one coalesced load and hands them out by
-    // shuffles, so the grad_y loads of consecutive entries do not wait on
+    // The sub-warp reads L entries with one coalesced load and hands them out
+    // by shuffles, so the grad_y loads of consecutive entries do not wait on
     // each entry's own load; entries are still added in sorted order.
-    for (unsigned a0 = begin; a0 < end; a0 += 32) {
+    for (unsigned a0 = begin; a0 < end; a0 += L) {
       const unsigned long long mine = a0 + lane < end ? entries[a0 + lane] : 0ull;
-      const int count = static_cast<int>(min(32u, end - a0));
+      const int count = static_cast<int>(min(static_cast<unsigned>(L), end - a0));
 #pragma unroll 1
       for (int j = 0; j < count; ++j) {
-        const unsigned long long entry = __shfl_sync(0xffffffffu, mine, j);
+        const unsigned long long entry = __shfl_sync(lanes_mask, mine, j, L);
         const unsigned where = static_cast<unsigned>(entry);
         A scale;
         if constexpr (std::is_same_v<A, double>) {
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     A* out = grad_x + in_pixel * s.c + g * cg;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int vec = base + lane + 32 * r;
+      const int vec = base + lane + L * r;
       if (vec < vectors) {
         A* o = out + static_cast<int64_t>(vec) * V;
 #pragma unroll
@@ -193,21 +197,38 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
+template <typename T, int V, int R, int L>
+void LaunchGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
+                      const unsigned* starts, const unsigned long long* entries,
+                      const Accum<T>* scales, Accum<T>* grad_x) {
+  constexpr int kPerBlock = kThreads / L;  // destinations a block
+  const int64_t blocks = (Destinations(s) + kPerBlock - 1) / kPerBlock;
+  GatherKernel<T, V, R, L><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
+                                                            scales, grad_x);
+}
+
 template <typename T, int V>
 void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
                   const unsigned* starts, const unsigned long long* entries,
                   const Accum<T>* scales, Accum<T>* grad_x) {
   const int64_t vectors = s.channels_per_group() / V;
-  const int64_t blocks = (Destinations(s) + kThreads / 32 - 1) / (kThreads / 32);
-  if (vectors <= 32) {
-    GatherKernel<T, V, 1><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
-                                                           scales, grad_x);
+  auto launch = [&](auto r, auto l) {
+    LaunchGatherWith<T, V, decltype(r)::value, decltype(l)::value>(stream, s, weight, grad_y,
+                                                                   starts, entries, scales, grad_x);
+  };
+  using std::integral_constant;
+  if (vectors <= 4) {
+    launch(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+  } else if (vectors <= 8) {
+    launch(integral_constant<int, 1>{}, integral_constant<int, 8>{});
+  } else if (vectors <= 16) {
+    launch(integral_constant<int, 1>{}, integral_constant<int, 16>{});
+  } else if (vectors <= 32) {
+    launch(integral_constant<int, 1>{}, integral_constant<int, 32>{});
   } else if (vectors <= 64) {
-    GatherKernel<T, V, 2><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
-                                                           scales, grad_x);
+    launch(integral_constant<int, 2>{}, integral_constant<int, 32>{});
   } else {
-    GatherKernel<T, V, 4><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
-                                                           scales, grad_x);
+    launch(integral_constant<int, 4>{}, integral_constant<int, 32>{});
   }
 }
 
