@@ -47,7 +47,7 @@ if want models; then
 fi
 if want sanitizer; then
   step sanitizer 90 bash -c "nvcc -std=c++17 -O2 -arch=sm_90 --expt-relaxed-constexpr -I lib lib/cuda_forward.cu \
-    lib/cuda_backward.cu lib/cuda_grad_x_gather.cu benchmarks/sanitize_kernels.cu -o /tmp/sanitize_kernels \
+    lib/cuda_backward.cu lib/cuda_grad_x_gather.cu lib/cuda_tangent.cu benchmarks/sanitize_kernels.cu -o /tmp/sanitize_kernels \
     && /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/sanitize_kernels \
     && /usr/local/cuda/bin/compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/sanitize_kernels"
   tail -3 "$out/logs/sanitizer.log"

@@ -92,7 +92,7 @@ int64_t NansIn(const float* device, int64_t count) {
   return nans;
 }
 
-// Forward, then backward, once. With finite inputs every output must be finite
+// Forward, backward and the forward-mode tangent, once. With finite inputs every output must be finite
 // (a NaN would be an unwritten or wrongly read element); with hostile offsets
 // only the sanitizer's verdict counts.
 int RunOnce(const Case& k, Dtype dtype, bool deterministic, bool hostile, std::mt19937& gen) {
@@ -124,11 +124,18 @@ int RunOnce(const Case& k, Dtype dtype, bool deterministic, bool hostile, std::m
   void* weight = Upload(random(weight_count), dtype);
   void* bias = Upload(random(s.out_channels()), dtype);
   void* grad_y = Upload(random(y_count), dtype);
+  // Tangents: hostile offset tangents too (they only scale derivatives).
+  void* x_dot = Upload(random(x_count), dtype);
+  void* off_dot = Upload(offset, dtype);
+  void* mask_dot = Upload(random(mask_count), dtype);
+  void* weight_dot = Upload(random(weight_count), dtype);
   const size_t elem = dtype == Dtype::kF32 ? sizeof(float) : sizeof(__nv_bfloat16);
   void* y = nullptr;
+  void* y_dot = nullptr;
   float *grad_x = nullptr, *grad_offset = nullptr, *grad_mask = nullptr, *grad_weight = nullptr;
   void* scratch = nullptr;
   Check(cudaMalloc(&y, y_count * elem), "cudaMalloc");
+  Check(cudaMalloc(&y_dot, y_count * elem), "cudaMalloc");
   Check(cudaMalloc(&grad_x, x_count * sizeof(float)), "cudaMalloc");
   Check(cudaMalloc(&grad_offset, offset_count * sizeof(float)), "cudaMalloc");
   Check(cudaMalloc(&grad_mask, mask_count * sizeof(float)), "cudaMalloc");
@@ -142,6 +149,9 @@ int RunOnce(const Case& k, Dtype dtype, bool deterministic, bool hostile, std::m
                                        grad_y, grad_x, grad_offset, grad_mask, grad_weight,
                                        scratch),
         "backward launch");
+  Check(jax_deform::LaunchTangentCuda(nullptr, dtype, s, x, off, mask, weight, x_dot, off_dot,
+                                      mask_dot, weight_dot, y_dot),
+        "tangent launch");
   Check(cudaDeviceSynchronize(), "kernels");
 
   int failures = 0;
@@ -156,7 +166,8 @@ int RunOnce(const Case& k, Dtype dtype, bool deterministic, bool hostile, std::m
   }
   std::vector<char> y_host(y_count * elem);  // every y element must have been written
   Check(cudaMemcpy(y_host.data(), y, y_host.size(), cudaMemcpyDeviceToHost), "read y");
-  for (void* p : {x, off, mask, weight, bias, grad_y, y, static_cast<void*>(grad_x),
+  for (void* p : {x, off, mask, weight, bias, grad_y, x_dot, off_dot, mask_dot, weight_dot, y, y_dot,
+                  static_cast<void*>(grad_x),
                   static_cast<void*>(grad_offset), static_cast<void*>(grad_mask),
                   static_cast<void*>(grad_weight), scratch}) {
     Check(cudaFree(p), "cudaFree");

@@ -17,7 +17,7 @@ except ImportError:  # not built: every call takes the pure-jnp path
 # name stays registered.
 FORWARD_TARGET = "jax_deform_forward_v1"
 BACKWARD_TARGET = "jax_deform_backward_v1"
-TANGENT_TARGET = "jax_deform_tangent_v1"  # forward mode; CPU only so far
+TANGENT_TARGET = "jax_deform_tangent_v1"  # forward mode (jvp)
 TARGETS = (FORWARD_TARGET, BACKWARD_TARGET, TANGENT_TARGET)
 
 

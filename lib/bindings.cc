@@ -47,6 +47,7 @@ NB_MODULE(_jax_deform, m) {
     nb::dict cuda;
     cuda["jax_deform_forward_v1"] = Capsule(JaxDeformForwardCuda);
     cuda["jax_deform_backward_v1"] = Capsule(JaxDeformBackwardCuda);
+    cuda["jax_deform_tangent_v1"] = Capsule(JaxDeformTangentCuda);
     cuda["jax_deform_forward"] = Capsule(JaxDeformForwardCuda);
     cuda["jax_deform_backward"] = Capsule(JaxDeformBackwardCuda);
     out["CUDA"] = cuda;

@@ -98,10 +98,36 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
       grad_weight->untyped_data(), workspace->typed_data()));
 }
 
+ffi::Error TangentImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                       ffi::AnyBuffer mask, ffi::AnyBuffer weight, ffi::AnyBuffer x_dot,
+                       ffi::AnyBuffer offset_dot, ffi::AnyBuffer mask_dot,
+                       ffi::AnyBuffer weight_dot, ffi::Result<ffi::AnyBuffer> y_dot,
+                       int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                       int64_t dil_h, int64_t dil_w) {
+  ConvShape s;
+  ffi::Error err = MakeConvShape(x, offset, mask, weight,
+                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  if (err.failure()) return err;
+  err = CheckTangents({&x, &offset, &mask, &weight}, {&x_dot, &offset_dot, &mask_dot, &weight_dot});
+  if (err.failure()) return err;
+  if (y_dot->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("deform_conv2d tangent: y_dot must have x's dtype");
+  }
+  if (s.n * s.ho * s.wo == 0) return ffi::Error::Success();
+  if (err = CheckLimits(s); err.failure()) return err;
+  Dtype dtype;
+  if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
+  return CudaError(LaunchTangentCuda(stream, dtype, s, x.untyped_data(), offset.untyped_data(),
+                                     DataOrNull(mask), weight.untyped_data(),
+                                     x_dot.untyped_data(), offset_dot.untyped_data(),
+                                     DataOrNull(mask_dot), weight_dot.untyped_data(),
+                                     y_dot->untyped_data()));
+}
+
 }  // namespace
 }  // namespace jax_deform
 
-// Both handlers only enqueue kernels and memsets on XLA's stream (no host
+// The handlers only enqueue kernels and memsets on XLA's stream (no host
 // synchronization, no allocation): safe to capture in command buffers.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformForwardCuda, jax_deform::ForwardImpl,
                               xla::ffi::Ffi::Bind()
@@ -115,4 +141,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformBackwardCuda, jax_deform::BackwardImpl,
                                   .JAX_DEFORM_BACKWARD_OPERANDS
                                   .Ret<xla::ffi::Buffer<xla::ffi::U8>>()  // workspace
                                   .JAX_DEFORM_CONV_ATTRS.Attr<bool>("deterministic"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDeformTangentCuda, jax_deform::TangentImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .JAX_DEFORM_TANGENT_SIGNATURE,
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -19,6 +19,13 @@ cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape&
                               const void* x, const void* offset, const void* mask,
                               const void* weight, const void* bias, void* y);
 
+// y_dot = the forward-mode tangent of y along (x_dot, offset_dot, mask_dot,
+// weight_dot), all of x's dtype; mask and mask_dot may be null (no mask).
+cudaError_t LaunchTangentCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* x,
+                              const void* offset, const void* mask, const void* weight,
+                              const void* x_dot, const void* offset_dot, const void* mask_dot,
+                              const void* weight_dot, void* y_dot);
+
 // Bytes of device scratch LaunchBackwardCuda needs for this shape.
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic);
 

@@ -6,10 +6,11 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformForwardCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformBackwardCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformTangentCpu);  // CPU only: CUDA forward mode falls back
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformTangentCpu);
 #ifdef JAX_DEFORM_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformForwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformBackwardCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDeformTangentCuda);
 #endif
 
 #endif  // JAX_DEFORM_FFI_HANDLERS_H_

@@ -81,8 +81,11 @@ def _bind(f, args):
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", [dict(), dict(with_mask=False, with_bias=False, groups=1),
-                                  dict(stride=2, dilation=(2, 1), padding=2, h=7)],
-                         ids=["dcnv2", "no_mask", "stride"])
+                                  dict(stride=2, dilation=(2, 1), padding=2, h=7),
+                                  # M = 1 and 8 channels a group: the CUDA tangent
+                                  # kernel's 16-byte vector path
+                                  dict(multiplier=1, c=16, groups=2)],
+                         ids=["dcnv2", "no_mask", "stride", "vectors"])
 def test_jvp_matches_the_reference_per_operand(rng, dtype, case):
     p = _problem(rng, **case)
     ffi, ref = _convs(p)
@@ -116,8 +119,10 @@ def test_jacfwd_matches_the_reference(rng):
         assert rel_err(got, want) < 1e-9, NAMES[argnum]
 
 
-def test_jvp_of_half_precision(rng):
-    p = _problem(rng)
+@pytest.mark.parametrize("case", [dict(), dict(multiplier=1, c=32, groups=2)],
+                         ids=["multiplier", "vectors"])
+def test_jvp_of_half_precision(rng, case):
+    p = _problem(rng, **case)
     ffi, ref = _convs(p)
     args = p.args(jnp.bfloat16)
     tangents = _tangents(rng, args, jnp.bfloat16)
