@@ -1,7 +1,8 @@
 """Mutation check of the test suite: does it catch the bugs it claims to catch?
 
 Each mutant is one small, plausible bug, applied by exact string replacement
-to a temporary copy of the repository (the files `git ls-files` lists). The
+to a temporary copy of the working tree (tracked files and untracked ones git
+does not ignore: a new file counts before it is committed). The
 copy's extension is built CPU-only (JAX_DEFORM_CUDA=OFF) with CMake into one
 build directory that every mutant reuses, and the tests that should catch the
 bug are run against the copy. A mutant is KILLED when they fail, SURVIVED when
@@ -208,7 +209,8 @@ class Workspace:
         self.build = os.path.join(directory, "build")
         self.log = os.path.join(directory, "log.txt")
         self.cuda = cuda
-        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                                "--exclude-standard"], cwd=ROOT, check=True,
                                stdout=subprocess.PIPE).stdout.decode().split("\0")
         for rel in filter(None, files):
             src = os.path.join(ROOT, rel)
