@@ -3,10 +3,11 @@
 // A block owns a 2-D tile of output pixels (8x8 for 3x3 kernels) for one
 // offset group (and, for small problems, a slice of its channels: grid.z). It
 // first computes the sample geometry of every (pixel, tap) of the tile once,
-// into shared memory (corner indices, bilinear weights times the mask); then
-// `lanes` consecutive threads walk consecutive 16-byte vectors of channels of
-// one pixel, so every corner read is a coalesced row segment and neighbouring
-// pixels of the tile hit the same lines in L1. No im2col buffer exists.
+// into shared memory (each corner's byte offset in x, the bilinear weights
+// times the mask); then `lanes` consecutive threads walk consecutive 16-byte
+// vectors of channels of one pixel, so every corner read is a coalesced row
+// segment and neighbouring pixels of the tile hit the same lines in L1. No
+// im2col buffer exists.
 #include "cuda_common.cuh"
 
 namespace jax_deform {
