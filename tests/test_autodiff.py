@@ -358,7 +358,7 @@ def test_jvp_and_grad_of_grad_inside_shard_map(rng):
     run = jax.jit(jax.shard_map(local(ffi), mesh=mesh, in_specs=(specs, specs),
                                 out_specs=(P("data"), P("data"))))
     got = run(put(args), put(tangents))
-    # Per shard the program runs whole: the tangent on the tangent kernel (CPU).
+    # Per shard the program runs whole: the tangent on the tangent kernel.
     hlo = run.lower(put(args), put(tangents)).compile().as_text()
     assert bench.heavy_ops(hlo)[TANGENT_TARGET] == _tangent_kernels_expected()
     got = [np.asarray(g) for g in got]
