@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,17 @@ from jax_deform import _batching, _sharding
 from jax_deform._params import ConvParams, accum_dtype
 from jax_deform._primitives import (backward_p, empty_like_absent, forward_p,
                                     reference_without_bias, tangent_p, varying_axes)
+
+class Operands(NamedTuple):
+    """The four arrays every kernel reads (NHWC; an absent mask is an empty
+    array), or their tangents or gradients. The primitives take them flat:
+    `*ops`."""
+
+    x: Any
+    offset: Any
+    mask: Any
+    weight: Any
+
 
 # The kernels as XLA sees them: split over a mesh by the rules in _sharding,
 # vmappable by the rules in _batching.
@@ -75,12 +87,13 @@ def _deform_conv2d_jvp(params, deterministic, primals, tangents):
     """y by the forward kernel; y_dot by tangent_p, linear in the tangents,
     whose transpose is the backward kernel (so reverse mode = one forward and
     one backward kernel); the bias' tangent is added outside."""
-    x, offset, mask, weight, bias = primals
-    x_dot, offset_dot, mask_dot, weight_dot, bias_dot = tangents
-    y = _deform_conv2d(x, offset, mask, weight, bias, params, deterministic)
+    *ops, bias = primals
+    *dots, bias_dot = tangents
+    ops, dots = Operands(*ops), Operands(*dots)
+    y = _deform_conv2d(*ops, bias, params, deterministic)
     y_dot = tangent_p.bind(
-        x, offset, empty_like_absent(mask, x.dtype), weight,
-        x_dot, offset_dot, empty_like_absent(mask_dot, x.dtype), weight_dot,
+        *ops._replace(mask=empty_like_absent(ops.mask, ops.x.dtype)),
+        *dots._replace(mask=empty_like_absent(dots.mask, ops.x.dtype)),
         params=params, deterministic=deterministic,
     )
     if bias is not None:
@@ -98,15 +111,15 @@ def _add_bias(y, bias):
 # ------------------------------------------------------- tangent_p: transpose, jvp
 
 
-def _tangent_transpose(ct, x, offset, mask, weight, x_dot, offset_dot, mask_dot, weight_dot,
-                       *, params, deterministic):
-    """Cotangents of the four tangents: one backward kernel call."""
-    primals, dots = (x, offset, mask, weight), (x_dot, offset_dot, mask_dot, weight_dot)
-    if any(ad.is_undefined_primal(a) for a in primals):
+def _tangent_transpose(ct, *args, params, deterministic):
+    """Cotangents of the four tangents (args: the operands, then their
+    tangents): one backward kernel call."""
+    ops, dots = Operands(*args[:4]), Operands(*args[4:])
+    if any(ad.is_undefined_primal(a) for a in ops):
         raise ValueError("deform_conv2d's tangent is linear in the tangents only")
     if type(ct) is ad.Zero:
         return [None] * 8
-    grads = _backward(x, offset, mask, weight, ct, params, deterministic)
+    grads = _backward(ops, ct, params, deterministic)
     return [None] * 4 + [g if ad.is_undefined_primal(d) else None for g, d in zip(grads, dots)]
 
 
@@ -115,19 +128,19 @@ def _tangent_jvp(primals, tangents, *, params, deterministic):
     the backward kernel) + the second-order term in the primals' tangents,
     which has no kernel: the jvp of the pure-jnp reference's jvp."""
     out = tangent_p.bind(*primals, params=params, deterministic=deterministic)
-    p, d = primals[:4], primals[4:]
-    p_dot, d_dot = tangents[:4], tangents[4:]
+    ops, dots = Operands(*primals[:4]), Operands(*primals[4:])
+    ops_dot, dots_dot = Operands(*tangents[:4]), Operands(*tangents[4:])
     terms = []
-    if any(type(t) is not ad.Zero for t in d_dot):
-        terms.append(tangent_p.bind(*p, *map(ad.instantiate_zeros, d_dot), params=params,
+    if any(type(t) is not ad.Zero for t in dots_dot):
+        terms.append(tangent_p.bind(*ops, *map(ad.instantiate_zeros, dots_dot), params=params,
                                     deterministic=deterministic))
-    if any(type(t) is not ad.Zero for t in p_dot):
-        f = reference_without_bias(params, *p)
+    if any(type(t) is not ad.Zero for t in ops_dot):
+        f = reference_without_bias(params, *ops)
 
-        def tangent(*p):
-            return jax.jvp(f, p, d)[1]
+        def tangent(*ops):
+            return jax.jvp(f, ops, tuple(dots))[1]
 
-        terms.append(jax.jvp(tangent, p, tuple(map(ad.instantiate_zeros, p_dot)))[1])
+        terms.append(jax.jvp(tangent, tuple(ops), tuple(map(ad.instantiate_zeros, ops_dot)))[1])
     return out, functools.reduce(jnp.add, terms)
 
 
@@ -138,15 +151,12 @@ ad.primitive_transposes[tangent_p] = _tangent_transpose
 # ----------------------------------------------------------------- the backward
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
-def _backward(x, offset, mask, weight, grad_y, params: ConvParams, deterministic: bool):
-    """(grad_x, grad_offset, grad_mask, grad_weight) in the operands' dtypes, by
-    the backward kernel; an absent mask is an empty array, and so its gradient."""
-    grad_x, grad_offset, grad_mask, grad_weight = _backward_call(
-        x, offset, mask, weight, grad_y.astype(x.dtype), params, deterministic,
-    )
-    return (grad_x.astype(x.dtype), grad_offset.astype(offset.dtype),
-            grad_mask.astype(mask.dtype), grad_weight.astype(weight.dtype))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _backward(ops: Operands, grad_y, params: ConvParams, deterministic: bool) -> Operands:
+    """The gradients of the operands in their dtypes, by the backward kernel; an
+    absent mask is an empty array, and so its gradient."""
+    grads = _backward_call(*ops, grad_y.astype(ops.x.dtype), params, deterministic)
+    return Operands(*(g.astype(a.dtype) for g, a in zip(grads, ops)))
 
 
 @_backward.defjvp
@@ -154,13 +164,12 @@ def _backward_jvp(params, deterministic, primals, tangents):
     """Second order (grad of grad, hvp): the gradients by the kernel, their
     tangent by differentiating the pure-jnp reference's vjp. Written in jnp, it
     transposes and differentiates further like any jnp code."""
-    x, offset, mask, weight, _ = primals
-    out = _backward(*primals, params, deterministic)
-    f = reference_without_bias(params, x, offset, mask, weight)
+    ops, grad_y = primals
+    out = _backward(ops, grad_y, params, deterministic)
+    f = reference_without_bias(params, *ops)
 
-    def grads(x, offset, mask, weight, grad_y):
-        _, vjp = jax.vjp(f, x, offset, mask, weight)
-        return tuple(g.astype(a.dtype) for g, a in zip(vjp(grad_y.astype(x.dtype)),
-                                                       (x, offset, mask, weight)))
+    def grads(ops, grad_y):
+        _, vjp = jax.vjp(f, *ops)
+        return Operands(*(g.astype(a.dtype) for g, a in zip(vjp(grad_y.astype(ops.x.dtype)), ops)))
 
     return out, jax.jvp(grads, primals, tangents)[1]
