@@ -166,14 +166,10 @@ ffi::Error TangentImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer of
                        int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                        int64_t dil_h, int64_t dil_w) {
   ConvShape s;
-  ffi::Error err = MakeConvShape(x, offset, mask, weight,
-                                 {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
+  ffi::Error err = MakeTangentShape(x, offset, mask, weight, x_dot, offset_dot, mask_dot,
+                                    weight_dot, y_dot->element_type(),
+                                    {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
   if (err.failure()) return err;
-  err = CheckTangents({&x, &offset, &mask, &weight}, {&x_dot, &offset_dot, &mask_dot, &weight_dot});
-  if (err.failure()) return err;
-  if (y_dot->element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("deform_conv2d tangent: y_dot must have x's dtype");
-  }
   if (s.n * s.ho * s.wo == 0) return ffi::Error::Success();
   const ffi::AnyBuffer* in[8] = {&x, &offset, &mask, &weight,
                                  &x_dot, &offset_dot, &mask_dot, &weight_dot};

@@ -94,6 +94,24 @@ inline ffi::Error CheckTangents(std::initializer_list<const ffi::AnyBuffer*> pri
   return ffi::Error::Success();
 }
 
+// What both tangent handlers check before launching: the convolution's shape,
+// each tangent like its operand, and y_dot of x's dtype.
+inline ffi::Error MakeTangentShape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
+                                   const ffi::AnyBuffer& mask, const ffi::AnyBuffer& weight,
+                                   const ffi::AnyBuffer& x_dot, const ffi::AnyBuffer& offset_dot,
+                                   const ffi::AnyBuffer& mask_dot,
+                                   const ffi::AnyBuffer& weight_dot, ffi::DataType y_dot,
+                                   const ConvAttrs& a, ConvShape* s) {
+  ffi::Error err = MakeConvShape(x, offset, mask, weight, a, s);
+  if (err.failure()) return err;
+  err = CheckTangents({&x, &offset, &mask, &weight}, {&x_dot, &offset_dot, &mask_dot, &weight_dot});
+  if (err.failure()) return err;
+  if (y_dot != x.element_type()) {
+    return ffi::Error::InvalidArgument("deform_conv2d tangent: y_dot must have x's dtype");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_deform
 
 // The attributes every handler takes, in one place.
