@@ -539,10 +539,15 @@ size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide) {
   return WeightPartialBytes(s, p, wide ? sizeof(double) : sizeof(float));
 }
 
+// The sample kernel's per-block grad_weight partial sums: the head of its scratch.
+size_t SampleWeightPartialBytes(const ConvShape& s, const SamplePlan& p) {
+  return Align(static_cast<size_t>(p.blocks_x) * s.taps() * s.out_channels() * sizeof(float));
+}
+
 // Scratch of the sample kernel: per-block grad_weight partial sums, then
 // per-slice grad_offset/grad_mask partial sums when a group has several slices.
 size_t SampleScratchBytes(const ConvShape& s, const SamplePlan& p) {
-  const size_t weight = Align(static_cast<size_t>(p.blocks_x) * s.taps() * s.out_channels() * sizeof(float));
+  const size_t weight = SampleWeightPartialBytes(s, p);
   const size_t slices =
       p.slices > 1 ? Align(static_cast<size_t>(p.slices) * s.n * s.ho * s.wo * s.groups * s.taps() * 3 * sizeof(float)) : 0;
   return weight + slices;
@@ -564,8 +569,7 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
                               float* grad_weight, unsigned char* scratch) {
   const SamplePlan p = MakeSamplePlan(s);
   float* weight_partial = reinterpret_cast<float*>(scratch);
-  float* slice_partial = reinterpret_cast<float*>(
-      scratch + Align(static_cast<size_t>(p.blocks_x) * s.taps() * s.out_channels() * sizeof(float)));
+  float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
   const SampleFn<T> fn = p.lanes == 32   ? BackwardSampleKernel<T, 32>
                          : p.lanes == 16 ? BackwardSampleKernel<T, 16>
                                          : BackwardSampleKernel<T, 8>;
