@@ -238,37 +238,43 @@ struct SamplePlan {
 // What the sample kernel needs of one (pixel, tap), made once per pixel by
 // the lane that owns the tap and read by all lanes of the sub-warp: where
 // each corner's channels start in x (byte offset of channel 0, image
-// included; -1 where the corner lies outside the image), the bilinear
-// weights and their y and x derivatives. Whole indices and ready weights keep
-// the channel loop to the loads and multiply-adds (redoing corner * C in 64
-// bits and the weights in every lane cost as much as the sampling itself).
+// included, in 32 bits; -1 where the corner lies outside the image), the
+// fractional position, the mask and the poison. Whole offsets keep the
+// channel loop to the loads and multiply-adds (redoing corner * C in 64 bits
+// cost as much as the sampling itself); the bilinear weights are remade per
+// lane from (ly, lx), a few multiplies, which halves the table that every
+// lane reads per tap (the kernel's shared-memory reads share L1's bandwidth
+// with its corner loads).
 template <typename A>
 struct alignas(16) SampleTapOf {
-  int64_t start[4];
-  A wgt[4], wy[4], wx[4];
-  A mask, poison;
+  int32_t start[4];
+  A ly, lx, mask, poison;
 };
 
 template <typename T, typename A>
 __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, int64_t pixel, int64_t k,
                                                         const TapOperands<A>& in) {
   const TapGeometryOf<A> t = GeometryOf(s, pixel, k, in);
-  const BilinearOf<A> b = ToBilinear(t);
   SampleTapOf<A> tap;
-  CornerWeights(b, tap.wgt);
-  CornerWeightGrads(b, tap.wy, tap.wx);
   const int64_t image_start = DecodePixel(s, pixel).image * (s.h * s.w);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    tap.start[i] = (t.valid >> i) & 1u ? (image_start + t.corner[i]) * s.c * int64_t{sizeof(T)} : -1;
+    tap.start[i] = (t.valid >> i) & 1u
+                       ? static_cast<int32_t>((image_start + t.corner[i]) * s.c * int64_t{sizeof(T)})
+                       : -1;
   }
+  tap.ly = t.ly;
+  tap.lx = t.lx;
   tap.mask = t.mask;
   tap.poison = t.poison;
   return tap;
 }
 
+// 32-bit tap offsets need x under 2 GiB; larger problems take the tile kernel.
 inline bool SampleKernelFits(const ConvShape& s, bool wide) {
-  return !wide && s.multiplier == 1 && s.channels_per_group() % kSampleVec == 0;
+  const int64_t x_bytes = s.n * s.h * s.w * s.c * int64_t{sizeof(float)};
+  return !wide && s.multiplier == 1 && s.channels_per_group() % kSampleVec == 0 &&
+         x_bytes <= INT32_MAX;
 }
 
 inline SamplePlan MakeSamplePlan(const ConvShape& s) {
@@ -374,19 +380,19 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
           LoadVec<T, V>(weight + (k0 + t) * cm + c, wv);
 #pragma unroll
           for (int v = 0; v < V; ++v) gcol[v] = gy[v] * wv[v];
-          // The tap's channel sums are linear in the corners: with
-          // dot_i = sum over channels of gcol * corner_i, they are
-          // sum_i w_i * dot_i for w the bilinear weights and their y and x
-          // derivatives, so per channel only the masked sample value (for
-          // grad_weight) is formed: 8 multiply-adds a channel and corner
-          // fewer than sampling value, d/dy and d/dx per channel.
-          const A mask_t = tap.mask, poison = tap.poison;
-          A val_m[V];
-#pragma unroll
-          for (int v = 0; v < V; ++v) val_m[v] = poison;
-          // All four corners are loaded before any is used (zeros outside the
-          // image, whose weights are zero too), so their loads are in flight
-          // together rather than one branch at a time.
+          // The sample value of each channel is formed as the reference
+          // forms it (sum_i w_i * corner_i, then times the mask), so grad_mask
+          // and grad_weight have its IEEE infs and NaNs when mask or weight
+          // holds them. d/dy and d/dx are linear in the corners: with dot_i =
+          // sum over channels of gcol * corner_i they are sum_i w'_i * dot_i,
+          // 8 multiply-adds a channel fewer than differentiating per channel.
+          const A mask_t = tap.mask, poison = tap.poison, ly = tap.ly, lx = tap.lx;
+          const A hy = A(1) - ly, hx = A(1) - lx;
+          // Corners outside the image read as zeros, so the weights need no
+          // validity factor: whatever multiplies a zero adds nothing.
+          const A wgt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+          // All four corners are loaded before any is used, so their loads
+          // are in flight together rather than one branch at a time.
           A corner[4][V];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
@@ -397,33 +403,35 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
               for (int v = 0; v < V; ++v) corner[i][v] = A(0);
             }
           }
-          A sum_val = poison, sum_dy = poison, sum_dx = poison;
+          A dot[4] = {A(0), A(0), A(0), A(0)}, sum_val = A(0), gw[V];
+          LoadVec<A, V>(my_weight_sums + t * tap_stride, gw);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const A wm = mask_t * tap.wgt[i];
-            A dot = A(0);
+          for (int v = 0; v < V; ++v) {
+            A val = poison;
 #pragma unroll
-            for (int v = 0; v < V; ++v) {
-              val_m[v] += wm * corner[i][v];
-              dot += gcol[v] * corner[i][v];
+            for (int i = 0; i < 4; ++i) {
+              val += wgt[i] * corner[i][v];
+              dot[i] += gcol[v] * corner[i][v];
             }
-            sum_val += tap.wgt[i] * dot;
-            sum_dy += tap.wy[i] * dot;
-            sum_dx += tap.wx[i] * dot;
-            if (scatter && tap.start[i] >= 0) {
+            sum_val += gcol[v] * val;
+            gw[v] += (val * mask_t) * gy[v];
+          }
+          if (scatter) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              if (tap.start[i] < 0) continue;
               A contrib[V];
 #pragma unroll
-              for (int v = 0; v < V; ++v) contrib[v] = wm * gcol[v];
+              for (int v = 0; v < V; ++v) contrib[v] = mask_t * wgt[i] * gcol[v];
               AtomicAddVec<V>(gxc + tap.start[i] / int64_t{sizeof(T)}, contrib);
             }
           }
+          // sum_i w'_i dot_i for the weights' y and x derivatives
+          // (CornerWeightGrads), factored.
+          const A top = hx * dot[0] + lx * dot[1], bottom = hx * dot[2] + lx * dot[3];
           sums[3 * t] += sum_val;
-          sums[3 * t + 1] += sum_dy;
-          sums[3 * t + 2] += sum_dx;
-          A gw[V];
-          LoadVec<A, V>(my_weight_sums + t * tap_stride, gw);
-#pragma unroll
-          for (int v = 0; v < V; ++v) gw[v] += val_m[v] * gy[v];
+          sums[3 * t + 1] += poison + (bottom - top);
+          sums[3 * t + 2] += poison + (hy * (dot[1] - dot[0]) + ly * (dot[3] - dot[2]));
           StoreVec<A, V>(my_weight_sums + t * tap_stride, gw);
         }
       }

@@ -216,6 +216,20 @@ inline int FloorPow2(int64_t v) {
   return p;
 }
 
+// p with tiles of `pixels` output pixels (a power of two), about square.
+inline Plan WithTilePixels(const ConvShape& s, Plan p, int pixels) {
+  p.tile_pixels = pixels;
+  p.threads = std::max(32, std::min(kMaxThreads, p.tile_pixels * p.lanes));
+  p.grid.pixels = p.tile_pixels;
+  p.grid.width = 1;
+  while (p.grid.width * p.grid.width * 4 <= p.tile_pixels) p.grid.width *= 2;
+  const int height = p.tile_pixels / p.grid.width;
+  p.grid.tiles_x = (s.wo + p.grid.width - 1) / p.grid.width;
+  p.grid.tiles_y = (s.ho + height - 1) / height;
+  p.tiles = s.n * p.grid.tiles_x * p.grid.tiles_y;
+  return p;
+}
+
 // wide: the kernels compute in double (float64), whose tap geometry and
 // per-tap sums take more shared memory.
 inline Plan MakePlan(const ConvShape& s, int max_vec, bool wide = false) {
@@ -229,15 +243,7 @@ inline Plan MakePlan(const ConvShape& s, int max_vec, bool wide = false) {
   const int64_t by_smem =
       static_cast<int64_t>(kGeometryBudget / (sizeof(int64_t) + s.taps() * per_tap));
   p.tile_pixels = FloorPow2(std::max<int64_t>(1, std::min<int64_t>(kMaxTilePixels, by_smem)));
-  p.threads = std::max(32, std::min(kMaxThreads, p.tile_pixels * p.lanes));
-  p.grid.pixels = p.tile_pixels;
-  p.grid.width = 1;
-  while (p.grid.width * p.grid.width * 4 <= p.tile_pixels) p.grid.width *= 2;
-  const int height = p.tile_pixels / p.grid.width;
-  p.grid.tiles_x = (s.wo + p.grid.width - 1) / p.grid.width;
-  p.grid.tiles_y = (s.ho + height - 1) / height;
-  p.tiles = s.n * p.grid.tiles_x * p.grid.tiles_y;
-  return p;
+  return WithTilePixels(s, p, p.tile_pixels);
 }
 
 // Fills the tile's pixel indices [tile_pixels] and geometry [tile_pixels][taps]
@@ -257,10 +263,12 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 }
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
-// forward_weights_in_registers=1,backward_kernel=1,grad_x=gather" (unset: the defaults below,
+// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,backward_kernel=1,grad_x=gather" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
   int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
+  int forward_tile = 0;                  // forward output pixels a block (power of two); 0: default
+  int forward_splits = 0;                // forward channel slices a group; 0: default
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
@@ -277,6 +285,8 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("forward_weights_in_registers=")) {
     t.forward_weights_in_registers = std::atoi(v);
   }
+  if (const char* v = value("forward_tile=")) t.forward_tile = FloorPow2(std::max(1, std::atoi(v)));
+  if (const char* v = value("forward_splits=")) t.forward_splits = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;

@@ -18,19 +18,21 @@ using namespace cuda_detail;  // NOLINT: this file's own helpers
 // What the forward needs of one (pixel, tap): where each corner's channels
 // start in x (byte offset of channel 0, image included; -1 where the corner
 // lies outside the image and is not read) and the weights with the mask folded
-// in. Whole byte offsets, so the channel loop adds one 64-bit value per corner
+// in. Whole byte offsets, so the channel loop adds one value per corner
 // instead of redoing corner * C in 64 bits (that arithmetic was half of the
-// loop's instructions).
-template <typename A>
+// loop's instructions). Offsets are 32-bit whenever x is under 2 GiB: the
+// table is then 32 bytes a tap, one shared-memory read fewer per tap for
+// every warp (the forward is bound by L1 wavefronts, shared ones included).
+template <typename A, typename Off>
 struct alignas(16) ForwardTapOf {
-  int64_t start[4];
+  Off start[4];
   A weight[4];
 };
 
-template <typename T>
+template <typename T, typename Off>
 __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
                                 const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
-                                ForwardTapOf<Accum<T>>* taps_out) {
+                                ForwardTapOf<Accum<T>, Off>* taps_out) {
   using A = Accum<T>;
   const int taps = static_cast<int>(s.taps());
   const int64_t hw = s.h * s.w;
@@ -44,14 +46,14 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
     A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
     const int64_t image_start = DecodePixel(s, pixel).image * hw;
-    ForwardTapOf<A> f;
+    ForwardTapOf<A, Off> f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      f.start[i] = (t.valid >> i) & 1u ? (image_start + t.corner[i]) * s.c * int64_t{sizeof(T)} : -1;
+      f.start[i] = (t.valid >> i) & 1u ? static_cast<Off>((image_start + t.corner[i]) * s.c * int64_t{sizeof(T)}) : Off(-1);
       f.weight[i] = t.mask * wgt[i];
     }
     if (t.poison != A(0) || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
-      f.start[0] = image_start * s.c * int64_t{sizeof(T)};
+      f.start[0] = static_cast<Off>(image_start * s.c * int64_t{sizeof(T)});
       f.weight[0] = t.poison;
     }
     taps_out[e] = f;
@@ -61,8 +63,9 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
 // MB: output channels per input channel handled per pass (M > 1 runs in
 // passes). KT: the tap count when known at compile time (3x3), so the
 // depthwise weights of a thread's channels stay in registers.
-// MINB: blocks per SM the register budget must allow (1: no cap).
-template <typename T, int V, int MB, int KT, int MINB>
+// MINB: blocks per SM the register budget must allow (1: no cap). Off: the
+// type of the tap table's byte offsets (int32_t when x is under 2 GiB).
+template <typename T, int V, int MB, int KT, int MINB, typename Off>
 __global__ void __launch_bounds__(kMaxThreads, MINB)
     ForwardKernel(ConvShape s, TileGrid tg, int lanes, int vectors_per_split, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask,
@@ -70,7 +73,8 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   using A = Accum<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
-  ForwardTapOf<A>* tap_table = reinterpret_cast<ForwardTapOf<A>*>(pixel_of + ((tg.pixels + 1) & ~1));
+  using Tap = ForwardTapOf<A, Off>;
+  Tap* tap_table = reinterpret_cast<Tap*>(pixel_of + ((tg.pixels + 1) & ~1));
   const int64_t g = blockIdx.y;
   ForwardTileTaps(s, tg, offset, mask, g, pixel_of, tap_table);
   __syncthreads();
@@ -96,10 +100,10 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
         A acc[V * MB];
 #pragma unroll
         for (int i = 0; i < V * MB; ++i) acc[i] = A(0);
-        const ForwardTapOf<A>* tt = tap_table + lp * taps;
+        const Tap* tt = tap_table + lp * taps;
 #pragma unroll(KT > 0 ? KT : 3)
         for (int k = 0; k < taps; ++k) {
-          const ForwardTapOf<A> t = tt[k];
+          const Tap t = tt[k];
           A val[V];
 #pragma unroll
           for (int v = 0; v < V; ++v) val[v] = A(0);
@@ -161,25 +165,29 @@ using ForwardFn = void (*)(ConvShape, TileGrid, int, int, const T*, const T*, co
                            const T*, T*);
 
 // The variant for this shape: vector width, 3x3 weights in registers or read
-// per tap, and the register cap.
+// per tap, the register cap and the width of the tap table's offsets.
 template <typename T>
-ForwardFn<T> PickForward(const ConvShape& s, const Plan& p) {
+ForwardFn<T> PickForward(const ConvShape& s, const Plan& p, bool narrow) {
   constexpr int kVec = 16 / sizeof(T);
+  if (!narrow) {  // x of 2 GiB or more: 64-bit offsets, generic variants only
+    return s.multiplier != 1 || p.vec != kVec ? ForwardKernel<T, 1, 4, 0, 1, int64_t>
+                                              : ForwardKernel<T, kVec, 1, 0, 1, int64_t>;
+  }
   const Tuning& tune = GetTuning();
-  if (s.multiplier != 1) return ForwardKernel<T, 1, 4, 0, 1>;
+  if (s.multiplier != 1) return ForwardKernel<T, 1, 4, 0, 1, int32_t>;
   if (p.vec != kVec) {
-    return s.taps() == 9 ? ForwardKernel<T, 1, 1, 9, 1> : ForwardKernel<T, 1, 1, 0, 1>;
+    return s.taps() == 9 ? ForwardKernel<T, 1, 1, 9, 1, int32_t> : ForwardKernel<T, 1, 1, 0, 1, int32_t>;
   }
   if constexpr (std::is_same_v<T, double>) {
     // float64 (not tuned): two doubles a vector, weights read per tap, no register cap.
-    return ForwardKernel<T, kVec, 1, 0, 1>;
+    return ForwardKernel<T, kVec, 1, 0, 1, int32_t>;
   } else {
-    // Measured on an H200 (benchmarks/RESULTS.md): float32 3x3 with many
-    // channels runs fastest with its weights in registers and a cap of 128
-    // registers (2 blocks per SM; uncapped it takes 135 and fits one);
-    // everything else (bfloat16 above all) with the weights read per tap and
-    // a cap of 64 registers (4 blocks per SM).
-    const bool wide_f32 = sizeof(T) == 4 && s.taps() == 9 && s.channels_per_group() >= 256;
+    // Measured on an H200 (benchmarks/RESULTS.md): float32 3x3 with 128
+    // channels a group or more runs fastest with its weights in registers and
+    // a cap of 128 registers (2 blocks per SM; uncapped it takes 135 and fits
+    // one); everything else (bfloat16 above all, and 64 channels) with the
+    // weights read per tap and a cap of 64 registers (4 blocks per SM).
+    const bool wide_f32 = sizeof(T) == 4 && s.taps() == 9 && s.channels_per_group() >= 128;
     const bool registers = s.taps() == 9 && (tune.forward_weights_in_registers >= 0
                                                  ? tune.forward_weights_in_registers > 0
                                                  : wide_f32);
@@ -187,32 +195,47 @@ ForwardFn<T> PickForward(const ConvShape& s, const Plan& p) {
                            : registers                 ? 2
                                                        : 4;
     if (min_blocks >= 4) {
-      return registers ? ForwardKernel<T, kVec, 1, 9, 4> : ForwardKernel<T, kVec, 1, 0, 4>;
+      return registers ? ForwardKernel<T, kVec, 1, 9, 4, int32_t>
+                       : ForwardKernel<T, kVec, 1, 0, 4, int32_t>;
     }
     if (min_blocks == 2) {
-      return registers ? ForwardKernel<T, kVec, 1, 9, 2> : ForwardKernel<T, kVec, 1, 0, 2>;
+      return registers ? ForwardKernel<T, kVec, 1, 9, 2, int32_t>
+                       : ForwardKernel<T, kVec, 1, 0, 2, int32_t>;
     }
-    return registers ? ForwardKernel<T, kVec, 1, 9, 1> : ForwardKernel<T, kVec, 1, 0, 1>;
+    return registers ? ForwardKernel<T, kVec, 1, 9, 1, int32_t>
+                     : ForwardKernel<T, kVec, 1, 0, 1, int32_t>;
   }
 }
 
 template <typename T>
 cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T* offset,
                     const T* mask, const T* weight, const T* bias, T* y) {
+  using A = Accum<T>;
   constexpr int kVec = 16 / sizeof(T);
-  const Plan p = MakePlan(s, kVec, std::is_same_v<T, double>);
-  const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) +
-                      p.tile_pixels * s.taps() * sizeof(ForwardTapOf<Accum<T>>);
+  const Tuning& tune = GetTuning();
+  Plan p = MakePlan(s, kVec, std::is_same_v<T, double>);
+  if (tune.forward_tile > 0) p = WithTilePixels(s, p, tune.forward_tile);
+  const bool narrow = s.n * s.h * s.w * s.c * int64_t{sizeof(T)} <= INT32_MAX;
+  const size_t tap_bytes = narrow ? sizeof(ForwardTapOf<A, int32_t>) : sizeof(ForwardTapOf<A, int64_t>);
+  const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) + p.tile_pixels * s.taps() * tap_bytes;
   // Enough blocks for about two waves: split the channels when tiles are few.
   const int64_t vectors = s.channels_per_group() / p.vec;
   const int64_t lane_rounds = (vectors + p.lanes - 1) / p.lanes;
-  const int64_t want = (2 * SmCount() + p.tiles * s.groups - 1) / (p.tiles * s.groups);
+  const int64_t want = tune.forward_splits > 0
+                           ? tune.forward_splits
+                           : (2 * SmCount() + p.tiles * s.groups - 1) / (p.tiles * s.groups);
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, lane_rounds, 65535}));
   const int vectors_per_split = static_cast<int>((lane_rounds + splits - 1) / splits) * p.lanes;
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(s.groups),
                   static_cast<unsigned>((vectors + vectors_per_split - 1) / vectors_per_split));
-  PickForward<T>(s, p)<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, vectors_per_split,
-                                                          x, offset, mask, weight, bias, y);
+  const ForwardFn<T> fn = PickForward<T>(s, p, narrow);
+  if (smem > 48 * 1024) {  // only tuning runs ask for tiles this large
+    const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  fn<<<grid, p.threads, smem, stream>>>(s, p.grid, p.lanes, vectors_per_split, x, offset, mask,
+                                        weight, bias, y);
   return cudaGetLastError();
 }
 

@@ -14,12 +14,17 @@ constexpr int kThreads = 256;
 
 __host__ __device__ int64_t Destinations(const ConvShape& s) { return s.n * s.h * s.w * s.groups; }
 __host__ __device__ int64_t Contributions(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps() * 4; }
+// Sort keys: destination * taps + tap, so a destination's contributions come
+// tap by tap and the gather multiplies by a tap's weights once per run of
+// that tap rather than once per contribution (each contribution then costs
+// one grad_y load and one multiply-add a channel). The key of samples outside
+// the image, Destinations * taps, sorts last and is never read.
+__host__ __device__ int64_t OutsideKey(const ConvShape& s) { return Destinations(s) * s.taps(); }
 
-// Bits the sort must look at: keys run from 0 to Destinations (the key of
-// samples outside the image, sorted last and never read).
+// Bits the sort must look at: keys run from 0 to OutsideKey.
 int KeyBits(const ConvShape& s) {
   int bits = 1;
-  while ((int64_t{1} << bits) <= Destinations(s)) ++bits;
+  while ((int64_t{1} << bits) <= OutsideKey(s)) ++bits;
   return bits;
 }
 
@@ -63,7 +68,7 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
 }
 
 // One thread per (output pixel, group, tap): the key of each corner is its
-// destination; the entry packs (pixel * taps + tap) with the corner's weight
+// destination and the tap; the entry packs (pixel * taps + tap) with the corner's weight
 // times the mask, all the gather needs. For double the scale does not fit
 // beside the position: it goes to scales[id] and the entry packs the id.
 template <typename T>
@@ -76,7 +81,7 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
   const int64_t taps = s.taps();
   const int64_t total = s.n * s.ho * s.wo * s.groups * taps;
   const int64_t hw = s.h * s.w;
-  const unsigned outside = static_cast<unsigned>(Destinations(s));
+  const unsigned outside = static_cast<unsigned>(OutsideKey(s));
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = e % taps, g = (e / taps) % s.groups, pixel = e / (taps * s.groups);
@@ -90,7 +95,7 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
       const int64_t id = e * 4 + i;
       if ((t.valid >> i) & 1u) {
         const unsigned dest = static_cast<unsigned>((image * hw + t.corner[i]) * s.groups + g);
-        keys[id] = dest;
+        keys[id] = static_cast<unsigned>(dest * taps + k);
         const A scale = t.mask * wgt[i];
         if constexpr (std::is_same_v<A, double>) {
           scales[id] = scale;
@@ -137,12 +142,30 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int r = 0; r < R; ++r) {
       col[r] = (g * cg + static_cast<int64_t>(min(base + lane + L * r, vectors - 1)) * V) * m;
     }
-    A acc[R][V];
+    // acc: the destination's sum; run: the current tap's sum of scale * grad_y,
+    // multiplied by the tap's weights when the tap changes (entries come
+    // sorted by tap within a destination).
+    A acc[R][V], run[R][V];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[r][v] = A(0);
+      for (int v = 0; v < V; ++v) acc[r][v] = run[r][v] = A(0);
     }
+    unsigned run_tap = taps;  // none yet
+    auto close_run = [&]() {
+      const T* wk = weight + static_cast<int64_t>(run_tap) * cm;
+      A wv[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) LoadVec<T, V>(wk + col[r], wv[r]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          acc[r][v] += wv[r][v] * run[r][v];
+          run[r][v] = A(0);
+        }
+      }
+    };
     // The sub-warp reads L entries with one coalesced load and hands them out
     // by shuffles, so the grad_y loads of consecutive entries do not wait on
     // each entry's own load; entries are still added in sorted order.
@@ -161,20 +184,21 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
         const unsigned pixel = where / taps, k = where - pixel * taps;
         const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
-        const T* wk = weight + static_cast<int64_t>(k) * cm;
         if (V > 1 || m == 1) {
-          A gv[R][V], wv[R][V];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            LoadVec<T, V>(gy + col[r], gv[r]);
-            LoadVec<T, V>(wk + col[r], wv[r]);
+          if (k != run_tap) {  // the same for the whole sub-warp
+            if (run_tap != taps) close_run();
+            run_tap = k;
           }
+          A gv[R][V];
+#pragma unroll
+          for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
 #pragma unroll
-            for (int v = 0; v < V; ++v) acc[r][v] += scale * (gv[r][v] * wv[r][v]);
+            for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
           }
         } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+          const T* wk = weight + static_cast<int64_t>(k) * cm;
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             A sum = A(0);
@@ -184,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
       }
     }
+    if (run_tap != taps) close_run();
     A* out = grad_x + in_pixel * s.c + g * cg;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -272,7 +297,7 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
 }  // namespace
 
 bool GatherFits(const ConvShape& s) {
-  return Destinations(s) < std::numeric_limits<unsigned>::max() &&
+  return OutsideKey(s) < std::numeric_limits<unsigned>::max() &&
          Contributions(s) < std::numeric_limits<int>::max() &&
          s.n * s.ho * s.wo * s.taps() < std::numeric_limits<unsigned>::max();
 }

@@ -1,10 +1,11 @@
 // grad_x of the CUDA backward as a gather: every (pixel, tap, corner) sample
 // that lands inside the image is a contribution to one destination (image,
-// input pixel, offset group). Contributions are sorted by destination with a
-// stable radix sort (so within a destination they stay in contribution order,
+// input pixel, offset group). Contributions are sorted by (destination, tap)
+// with a stable radix sort (so within those they stay in contribution order,
 // whatever the scheduling), and one warp per destination adds its run in that
-// order across the channels of the group: no float atomics, bitwise
-// reproducible, and grad_x is written exactly once.
+// order across the channels of the group, one multiply by the tap's weights
+// per run of a tap: no float atomics, bitwise reproducible, and grad_x is
+// written exactly once.
 #ifndef JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
 #define JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
 
