@@ -1,7 +1,7 @@
 """The RESULTS.md tables from a bench JSON (`python -m jax_deform.bench --json OUT.json`):
 
-    python benchmarks/tables.py h200_speed_89f21bb.json speed    # the speed issue's table
-    python benchmarks/tables.py h200_models_89f21bb.json models  # the model-layer table
+    python benchmarks/tables.py h100_speed_894ed98.json speed    # the speed issue's table
+    python benchmarks/tables.py h100_models_894ed98.json models  # the model-layer table
 
 Kernel ms (the profiler's device time) is the primary figure, wall ms in
 parentheses; every ratio is of kernel ms within the one run the JSON holds.
