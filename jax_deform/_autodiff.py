@@ -8,8 +8,8 @@
   (grad_bias is a sum over the cotangent), so `jax.grad` runs one forward and
   one backward kernel, and never evaluates `tangent_p`.
 * Forward mode (`jax.jvp`, `jax.linearize`, `jax.jacfwd`) evaluates
-  `tangent_p`: the tangent kernel (CPU, CUDA) where the program runs whole,
-  else the jvp of the pure-jnp reference (see _primitives).
+  `tangent_p`: the tangent kernel (CPU, CUDA), per shard where XLA partitions
+  the program, split as the forward is (see _primitives).
 * Second order: `tangent_p` has a JVP rule: in the tangents it is tangent_p
   again (so it still transposes to the backward kernel), in the primals the
   pure-jnp reference differentiated twice. The backward is a custom JVP around

@@ -128,7 +128,7 @@ mlir.register_lowering(forward_p, _fallback_lowering(_forward_fallback, False))
 # which follow x, offset, mask and weight. Its transpose (in _autodiff) is the
 # backward kernel, so reverse mode never evaluates it. Evaluating it (forward
 # mode) runs the tangent kernel, split over the mesh like the forward, where
-# the build has one (CPU), and elsewhere the jvp of the pure-jnp reference.
+# the build has one (CPU, CUDA), and elsewhere the jvp of the pure-jnp reference.
 
 tangent_p = Primitive("deform_conv2d_tangent")
 tangent_p.def_impl(_impl(tangent_p))
@@ -160,21 +160,45 @@ def _runs_whole(ctx) -> bool:
     axis_context = ctx.module_context.axis_context
     mesh = getattr(axis_context, "mesh", None)
     if mesh is not None:
-        return set(getattr(axis_context, "manual_axes", ())) == set(mesh.axis_names)
+        return (mesh.size == 1
+                or set(getattr(axis_context, "manual_axes", ())) == set(mesh.axis_names))
     return getattr(axis_context, "num_devices", 0) == 1
+
+
+def _partitioner_has_devices(ctx) -> bool:
+    """Whether a custom_partitioning call can be lowered here: it needs the
+    devices the program runs on, which jit hands to the lowering only when the
+    program holds a primitive that asks for them (the forward's partitioned
+    call does: every jvp that also returns y), and inside a shard_map over
+    some mesh axes only with a concrete mesh. A program holding the tangent
+    alone (y_dot without y, or the linear function of jax.linearize compiled
+    on its own) gets no devices: jax has no public way to ask for them (its
+    private registry of such primitives is what custom_partitioning uses)."""
+    axis_context = ctx.module_context.axis_context
+    if hasattr(axis_context, "device_assignment"):  # jit
+        return axis_context.device_assignment is not None
+    return isinstance(getattr(axis_context, "mesh", None), jax.sharding.Mesh)  # shard_map
 
 
 _tangent_fallback_lowering = mlir.lower_fun(_tangent_fallback, multiple_results=False)
 
+# The tangent kernel split over the mesh as the forward is. Its per-shard
+# program binds tangent_p again, and is lowered with every mesh axis manual:
+# there the call runs whole, on the kernel.
+_tangent_partitioned_lowering = mlir.lower_fun(
+    _sharding.partitioned_tangent(tangent_p.bind), multiple_results=False)
+
 
 def _tangent_lowering(ctx, *args, params: ConvParams, deterministic: bool):
     """The tangent kernel where the program runs whole (one device, or per shard
-    inside shard_map); a program that XLA still has to partition gets the
-    reference's jvp, which XLA partitions (the tangent kernel has no
-    partitioning rule yet)."""
-    if not _runs_whole(ctx):
-        return _tangent_fallback_lowering(ctx, *args, params=params, deterministic=deterministic)
-    return jax.ffi.ffi_lowering(TANGENT_TARGET)(ctx, *args, **params.ffi_attrs())
+    inside shard_map); where XLA partitions it, a partitioned call of the
+    kernel, split as the forward is. The reference's jvp, which XLA
+    partitions, where that call cannot be lowered (no devices known here)."""
+    if _runs_whole(ctx):
+        return jax.ffi.ffi_lowering(TANGENT_TARGET)(ctx, *args, **params.ffi_attrs())
+    lowering = (_tangent_partitioned_lowering if _partitioner_has_devices(ctx)
+                else _tangent_fallback_lowering)
+    return lowering(ctx, *args, params=params, deterministic=deterministic)
 
 
 # Not cacheable: the choice above depends on where in the program the call is

@@ -291,19 +291,32 @@ def _channel_dims(rule: _Rule, layout: Layout, mesh, partials: int = 1):
     return c_dim, cm_dim, off_dim, mask_dim
 
 
-def _forward_rule(params, layout, has_mask, has_bias, mesh, operand_types, result_types):
-    del params, operand_types, result_types
-    r = _Rule()
+def _operand_dims(r: _Rule, layout: Layout, has_mask: bool, has_bias: bool,
+                  mesh) -> tuple[dict[str, str], str]:
+    """The rule dims of each forward operand, by role, and of y."""
     c, cm, off, msk = _channel_dims(r, layout, mesh)
-    rule = "{} , {} , {} , {} , {} -> {}".format(
-        r.array("n", "h", "w", c),
-        r.array("n", "ho", "wo", off),
-        r.array("n", "ho", "wo", msk) if has_mask else "nomask",
-        r.array("kh", "kw", "one", cm),
-        cm if has_bias else "nobias",
-        r.array("n", "ho", "wo", cm),
+    dims = dict(
+        x=r.array("n", "h", "w", c),
+        offset=r.array("n", "ho", "wo", off),
+        mask=r.array("n", "ho", "wo", msk) if has_mask else "nomask",
+        weight=r.array("kh", "kw", "one", cm),
+        bias=cm if has_bias else "nobias",
     )
-    return rule, _rule_kwargs(rule, r)
+    return dims, r.array("n", "ho", "wo", cm)
+
+
+def _like_forward_rule(roles: tuple[str, ...]) -> Callable:
+    """The Shardy rule of a call whose operands have these forward roles and
+    whose result is sharded as y (see _like_forward)."""
+
+    def rule(options, layout, has_mask, has_bias, mesh, operand_types, result_types):
+        del options, operand_types, result_types
+        r = _Rule()
+        dims, y = _operand_dims(r, layout, has_mask, has_bias, mesh)
+        text = " , ".join(dims[role] for role in roles) + " -> " + y
+        return text, _rule_kwargs(text, r)
+
+    return rule
 
 
 def _backward_rule(params, deterministic, layout, has_mask, partials, mesh, operand_types,
@@ -335,41 +348,76 @@ def _rule_kwargs(rule: str, r: _Rule) -> dict:
     )
 
 
-def partitioned_forward(kernel: Callable) -> Callable:
-    """Wraps `kernel(x, offset, mask, weight, bias, params=...)` so that XLA
-    runs it per shard. Returns f(x, offset, mask, weight, bias, params)."""
+#: The forward's operands by role, and the tangent's: the forward's operands,
+#: then their tangents, each sharded as its primal (no bias: its tangent is
+#: added outside).
+_FORWARD_ROLES = ("x", "offset", "mask", "weight", "bias")
+_TANGENT_ROLES = ("x", "offset", "mask", "weight") * 2
 
-    def call(x, offset, mask, weight, bias, params, layout, has_mask, has_bias):
-        del layout, has_mask, has_bias
-        return kernel(x, offset, mask, weight, bias, params=params)
 
-    def shardings(p: Plan, mesh, has_mask, has_bias):
-        args = (p.x(), p.offset(), p.mask(has_mask), p.weight(), p.bias(has_bias))
-        return _named(mesh, args), NamedSharding(mesh, p.y())
+def _operand_specs(p: Plan, has_mask: bool, has_bias: bool) -> dict[str, P]:
+    return dict(x=p.x(), offset=p.offset(), mask=p.mask(has_mask), weight=p.weight(),
+                bias=p.bias(has_bias))
 
-    def infer(params, layout, has_mask, has_bias, mesh, arg_shapes, result_shape):
-        del params, result_shape
-        return shardings(_mesh_plan(mesh, arg_shapes, layout), mesh, has_mask, has_bias)[1]
 
-    def partition(params, layout, has_mask, has_bias, mesh, arg_shapes, result_shape):
+def _like_forward(kernel: Callable, roles: tuple[str, ...]) -> Callable:
+    """Wraps `kernel(*operands, **options) -> y` (options: static keywords),
+    whose operands have the given forward roles, so that XLA runs it per
+    shard, split as the forward is. Returns f(*operands, **options)."""
+    arity = len(roles)
+
+    def call(*args):
+        *operands, options, _layout, _has_mask, _has_bias = args
+        return kernel(*operands, **dict(options))
+
+    def shardings(layout, has_mask, has_bias, mesh, arg_shapes):
+        p = _mesh_plan(mesh, arg_shapes, layout)
+        specs = _operand_specs(p, has_mask, has_bias)
+        return _named(mesh, [specs[role] for role in roles]), NamedSharding(mesh, p.y())
+
+    def infer(options, layout, has_mask, has_bias, mesh, arg_shapes, result_shape):
+        del options, result_shape
+        return shardings(layout, has_mask, has_bias, mesh, arg_shapes)[1]
+
+    def partition(options, layout, has_mask, has_bias, mesh, arg_shapes, result_shape):
         del result_shape
-        args, out = shardings(_mesh_plan(mesh, arg_shapes, layout), mesh, has_mask, has_bias)
+        args, out = shardings(layout, has_mask, has_bias, mesh, arg_shapes)
 
-        def local(x, offset, mask, weight, bias):
-            return kernel(x, offset, mask, weight, bias, params=params)
+        def local(*operands):
+            return kernel(*operands, **dict(options))
 
         return mesh, local, out, args
 
-    wrapped = custom_partitioning(call, static_argnums=(5, 6, 7, 8))
+    wrapped = custom_partitioning(call, static_argnums=tuple(range(arity, arity + 4)))
     wrapped.def_partition(partition, infer_sharding_from_operands=infer,
-                          sharding_rule=_forward_rule)
+                          sharding_rule=_like_forward_rule(roles))
+
+    def partitioned(*operands, **options):
+        x, offset, mask, weight = operands[:4]  # the roles start with these
+        has_bias = "bias" in roles and operands[roles.index("bias")].size > 0
+        return wrapped(*operands, tuple(sorted(options.items())), layout_of(x, offset, weight),
+                       mask.size > 0, has_bias)
+
+    return partitioned
+
+
+def partitioned_forward(kernel: Callable) -> Callable:
+    """Wraps `kernel(x, offset, mask, weight, bias, params=...)` so that XLA
+    runs it per shard. Returns f(x, offset, mask, weight, bias, params)."""
+    partitioned = _like_forward(kernel, _FORWARD_ROLES)
 
     def forward(x, offset, mask, weight, bias, params: ConvParams):
-        layout = layout_of(x, offset, weight)
-        return wrapped(x, offset, mask, weight, bias, params, layout,
-                       mask.size > 0, bias.size > 0)
+        return partitioned(x, offset, mask, weight, bias, params=params)
 
     return forward
+
+
+def partitioned_tangent(kernel: Callable) -> Callable:
+    """Wraps `kernel(x, offset, mask, weight, x_dot, offset_dot, mask_dot,
+    weight_dot, params=..., deterministic=...)` so that XLA runs it per shard:
+    y_dot is split as y, each tangent as its operand. Returns a function of
+    the same arguments."""
+    return _like_forward(kernel, _TANGENT_ROLES)
 
 
 def _explicit_axes_current() -> bool:

@@ -1,7 +1,7 @@
-"""deform_conv2d under jit on a mesh of 8 CPU devices: sharded results and
-gradients equal the unsharded ones, batch and channel sharding run
-shard-local (no all-gather in the compiled program), and spatial sharding or
-an unsupported channel split still gives the right answer. Every case runs
+"""deform_conv2d under jit on a mesh of 8 CPU devices: sharded results,
+gradients and forward-mode tangents equal the unsharded ones, batch and
+channel sharding run shard-local (no all-gather in the compiled program), and
+spatial sharding or an unsupported channel split still gives the right answer. Every case runs
 with Explicit and with Auto mesh axes; the gradient sums across shards are
 checked to compile on XLA:GPU under every way of putting a mesh to work
 (tests/sharding_checks.py says how, on CPU)."""
@@ -19,6 +19,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_deform
+from jax_deform._ffi import TANGENT_TARGET
 from tests.sharding_checks import (callback_sees_mesh, sums_from_partitioned_call,
                                    reducer_problems, sharding_custom_calls)
 
@@ -64,6 +65,8 @@ def run_sharded(mesh, ops, specs, implementation="ffi"):
     cotangent = jax.device_put(np.ones((1,), np.float32), NamedSharding(mesh, P()))
     (value, y), grads = f(sharded, cotangent)
     hlo = f.lower(sharded, cotangent).compile().as_text()
+    if implementation == "ffi":  # reverse mode transposes the tangent, never evaluates it
+        assert not calls_to(hlo, TANGENT_TARGET) and not gathers(hlo)
     return value, y, grads, hlo
 
 
@@ -95,9 +98,18 @@ def collectives(hlo: str) -> set[str]:
     return set(re.findall(rf"\b({ops})(?:-start)?\(", hlo))
 
 
+def calls_to(hlo: str, target: str) -> int:
+    return len(re.findall(rf'custom_call_target="{re.escape(target)}"', hlo))
+
+
+def gathers(hlo: str) -> list[str]:
+    """Gather ops (the pure-jnp reference samples with them), not all-gathers."""
+    return re.findall(r"(?<![\w-])gather\(", hlo)
+
+
 def kernel_x_shapes(hlo: str) -> set[tuple[int, ...]]:
-    """The x operand shapes the forward and backward kernels run on."""
-    found = re.findall(r'custom_call_target="jax_deform_(?:forward|backward)(?:_v\d+)?", '
+    """The x operand shapes the forward, backward and tangent kernels run on."""
+    found = re.findall(r'custom_call_target="jax_deform_(?:forward|backward|tangent)(?:_v\d+)?", '
                        r"operand_layout_constraints=\{f32\[([\d,]+)\]", hlo)
     return {tuple(int(d) for d in s.split(",")) for s in found}
 
@@ -422,3 +434,111 @@ def test_vmap_with_channel_sharded_operands_under_explicit_axes(rng, groups, bat
     for g, want in zip(got_grads, want_grads):
         assert g.sharding.spec[-1] == "model" or not sharded_out
         assert_close(g, want)
+
+
+# ------------------------------------------------------------------ forward mode
+
+#: Meshes as above: (mesh shape, axis names, problem, operand specs). With
+#: G = 1 every channel shard reads all offsets (replicated); with G = 2 and 2
+#: shards each holds one offset group.
+FORWARD_MODE = {
+    "batch": ((8,), ("data",), dict(groups=2), dict(x=BATCH, offset=BATCH, mask=BATCH)),
+    "channel_g1": ((4,), ("model",), dict(n=2, groups=1),
+                   dict(x=CHANNEL, weight=CHANNEL, bias=P("model"))),
+    "channel_g2": ((2,), ("model",), dict(n=2, groups=2),
+                   dict(x=CHANNEL, offset=CHANNEL, mask=CHANNEL, weight=CHANNEL,
+                        bias=P("model"))),
+    "data_x_model": ((4, 2), ("data", "model"), dict(groups=2),
+                     dict(x=P("data", None, None, "model"), offset=P("data", None, None, "model"),
+                          mask=P("data", None, None, "model"), weight=CHANNEL,
+                          bias=P("model"))),
+}
+
+
+def forward_mode(mode: str):
+    """jit of (y, y_dot) by jax.jvp or jax.linearize, every operand with a tangent."""
+
+    def conv(ops):
+        return jax_deform.deform_conv2d(ops["x"], ops["offset"], ops["weight"], ops["mask"],
+                                        ops["bias"], implementation="ffi", **KW)
+
+    def linearized(ops, dots):
+        y, tangent = jax.linearize(conv, ops)
+        return y, tangent(dots)
+
+    if mode == "jvp":
+        return jax.jit(lambda ops, dots: jax.jvp(conv, (ops,), (dots,)))
+    return jax.jit(linearized)
+
+
+def check_forward_mode_is_shard_local(rng, mesh, kwargs, specs, mode, style="explicit"):
+    """y and y_dot equal the unsharded ones and are sharded as x; the tangent
+    runs on its kernel, on each shard's part of x, with no collective and
+    none of the gathers of the reference's jvp (its fallback)."""
+    ops = problem(rng, **kwargs)
+    dots = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in ops.items()}
+    f = forward_mode(mode)
+    device = jax.devices()[0]
+    want_y, want_dot = f(jax.device_put(ops, device), jax.device_put(dots, device))
+    with mesh_context(mesh, style):
+        sharded_ops, sharded_dots = place(mesh, ops, specs), place(mesh, dots, specs)
+        y, y_dot = f(sharded_ops, sharded_dots)
+        hlo = f.lower(sharded_ops, sharded_dots).compile().as_text()
+    assert_close(y, want_y)
+    assert_close(y_dot, want_dot)
+    x_sharding = NamedSharding(mesh, specs["x"])
+    assert x_sharding.is_equivalent_to(y_dot.sharding, 4), y_dot.sharding
+    assert calls_to(hlo, TANGENT_TARGET) == 1 and not gathers(hlo)
+    assert kernel_x_shapes(hlo) == {x_sharding.shard_shape(ops["x"].shape)}
+    assert not collectives(hlo), collectives(hlo)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "linearize"])
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("case", FORWARD_MODE)
+def test_forward_mode_is_shard_local(rng, case, style, mode):
+    shape, names, kwargs, specs = FORWARD_MODE[case]
+    axis_type = AxisType.Auto if style.startswith("auto") else AxisType.Explicit
+    mesh = make_mesh(shape, names, axis_type)
+    check_forward_mode_is_shard_local(rng, mesh, kwargs, specs, mode, style)
+
+
+def test_forward_mode_gspmd_partitioner(rng):
+    """The tangent's rules through the GSPMD callbacks, with Shardy off."""
+    shape, names, kwargs, specs = FORWARD_MODE["data_x_model"]
+    mesh = make_mesh(shape, names, AxisType.Auto)
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        check_forward_mode_is_shard_local(rng, mesh, kwargs, specs, "jvp", "auto")
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+@pytest.mark.parametrize("case", ["batch", "data_x_model"])
+def test_tangent_alone_on_a_mesh_is_right(rng, case):
+    """y_dot without y: the program holds the tangent alone, whose lowering jit
+    hands no devices (no public API asks for them), so it takes the
+    reference's jvp, partitioned by XLA; the values and sharding must still be
+    right (a jax that does hand devices over gets the kernel instead)."""
+    shape, names, kwargs, specs = FORWARD_MODE[case]
+    mesh = make_mesh(shape, names, AxisType.Explicit)
+    ops = problem(rng, **kwargs)
+    dots = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in ops.items()}
+
+    def conv(ops):
+        return jax_deform.deform_conv2d(ops["x"], ops["offset"], ops["weight"], ops["mask"],
+                                        ops["bias"], implementation="ffi", **KW)
+
+    f = jax.jit(lambda ops, dots: jax.jvp(conv, (ops,), (dots,))[1])
+    device = jax.devices()[0]
+    want = f(jax.device_put(ops, device), jax.device_put(dots, device))
+    with mesh_context(mesh, "explicit"):
+        sharded_ops, sharded_dots = place(mesh, ops, specs), place(mesh, dots, specs)
+        got = f(sharded_ops, sharded_dots)
+        hlo = f.lower(sharded_ops, sharded_dots).compile().as_text()
+    assert_close(got, want)
+    assert NamedSharding(mesh, specs["x"]).is_equivalent_to(got.sharding, 4), got.sharding
+    on_kernel = calls_to(hlo, TANGENT_TARGET) == 1 and not gathers(hlo)
+    on_reference = calls_to(hlo, TANGENT_TARGET) == 0 and gathers(hlo)
+    assert on_kernel or on_reference
