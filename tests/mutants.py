@@ -141,6 +141,13 @@ MUTANTS = [
            "const A by_rest = m_dot * val[c] + t.mask * sample_dot;",
            "const A by_rest = t.mask * sample_dot;",
            ("tests/test_autodiff.py", "-k", "per_operand")),
+    Mutant("forward mode on a mesh: the tangent takes the reference's jvp", "jax_deform/_primitives.py",
+           "lowering = (_tangent_partitioned_lowering if", "lowering = (_tangent_fallback_lowering if",
+           ("tests/test_sharding.py", "-k", "forward_mode")),
+    Mutant("forward mode on a mesh: offset and mask tangents split as each other", "jax_deform/_sharding.py",
+           '_TANGENT_ROLES = ("x", "offset", "mask", "weight") * 2',
+           '_TANGENT_ROLES = ("x", "offset", "mask", "weight", "x", "mask", "offset", "weight")',
+           ("tests/test_sharding.py", "-k", "forward_mode")),
     # ---- CUDA kernels: run only where a GPU is visible
     Mutant("CUDA: lane reduction skips the first halving", "lib/cuda_backward.cu",
            "for (int d = lanes / 2; d > 0; d /= 2)", "for (int d = lanes / 4; d > 0; d /= 2)",
