@@ -8,7 +8,9 @@ its message, not a dead test run.
 Runs the forward and the gradients with respect to every operand on a mesh
 of all devices (or --devices), checks them against one device, checks that
 every all-reduce of the compiled program has a bare add as reducer, prints
-the program's collectives and exits 0; exits 1 on a wrong result.
+the program's collectives; then forward mode (jax.jvp along every operand):
+y_dot against one device, computed by the tangent kernel on each shard with
+no collective. Exits 0, or 1 on a wrong result.
 
 Cases (G: offset groups): batch (x split over N, G = 2: grad_weight summed
 over batch shards), channel (x, weight, bias split over C, G = 1:
@@ -59,6 +61,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import jax_deform  # noqa: E402
+from jax_deform._ffi import TANGENT_TARGET  # noqa: E402
 from tests.sharding_checks import collective_lines, reducer_problems  # noqa: E402
 
 KEYS = ("x", "offset", "mask", "weight", "bias")
@@ -124,6 +127,24 @@ def shard_map_program(mesh, specs, names):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
+def forward_mode_program(mesh, specs, style):
+    """jit of jax.jvp of the op along a tangent of every operand; inside
+    shard_map for that style."""
+
+    def conv(x, offset, mask, weight, bias):
+        return jax_deform.deform_conv2d(x, offset, weight, mask, bias, **KW)
+
+    def jvp(primals, tangents):
+        return jax.jvp(conv, primals, tangents)
+
+    if style == "shard_map":
+        in_specs = tuple(specs.get(k, P()) for k in KEYS)
+        jvp = jax.shard_map(jvp, mesh=mesh, in_specs=(in_specs, in_specs),
+                            out_specs=(y_spec(specs), y_spec(specs)))
+    return jax.jit(lambda ops, dots: jvp(tuple(ops[k] for k in KEYS),
+                                         tuple(dots[k] for k in KEYS)))
+
+
 def max_error(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1.0))
@@ -140,6 +161,8 @@ def main(args) -> int:
     mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape),
                          devices=devices[:count])
     ops, cotangent = problem(groups)
+    rng = np.random.default_rng(1)
+    dots = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in ops.items()}
     print(f"jax {jax.__version__}, {devices[0].platform} x{len(devices)} "
           f"({devices[0].device_kind}); case {args.case}, style {args.style}, "
           f"mesh {dict(mesh.shape)}")
@@ -149,6 +172,8 @@ def main(args) -> int:
     f = global_program()
     (want_value, want_y), want_grads = f(jax.device_put(ops, one),
                                          jax.device_put(cotangent, one))
+    _, want_y_dot = forward_mode_program(None, specs, "global")(jax.device_put(ops, one),
+                                                                jax.device_put(dots, one))
 
     use_set_mesh = args.style in ("set_mesh", "auto_set_mesh", "shard_map")
     with jax.set_mesh(mesh) if use_set_mesh else contextlib.nullcontext():
@@ -160,6 +185,11 @@ def main(args) -> int:
         hlo = f.lower(placed, ct).compile().as_text()
         (value, y), grads = f(placed, ct)
         jax.block_until_ready(grads)
+        jvp = forward_mode_program(mesh, specs, args.style)
+        placed_dots = {k: jax.device_put(v, NamedSharding(mesh, specs.get(k, P())))
+                       for k, v in dots.items()}
+        jvp_hlo = jvp.lower(placed, placed_dots).compile().as_text()
+        _, y_dot = jvp(placed, placed_dots)
 
     print("collectives of the compiled step:")
     for line in collective_lines(hlo):
@@ -170,6 +200,14 @@ def main(args) -> int:
         failures.append("all-reduce reducers that are not a bare add:\n" + "\n".join(bad))
     errors = {"y": max_error(y, want_y), "loss": max_error(value, want_value)}
     errors.update({f"grad_{k}": max_error(grads[k], want_grads[k]) for k in KEYS})
+    errors["y_dot"] = max_error(y_dot, want_y_dot)
+    tangent_calls = jvp_hlo.count(f'custom_call_target="{TANGENT_TARGET}"')
+    print(f"forward mode: {tangent_calls} tangent kernel call(s), "
+          f"{len(collective_lines(jvp_hlo))} collective(s)")
+    if tangent_calls != 1:
+        failures.append(f"forward mode: {tangent_calls} tangent kernel calls, expected 1 per shard")
+    if collective_lines(jvp_hlo):
+        failures.append("forward mode: collectives in a program that should run shard-local")
     print("max error relative to the largest magnitude, vs one device:",
           ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     tolerance = 1e-4

@@ -1,5 +1,6 @@
 """deform_conv2d on two or more GPUs: batch, channel and data x model
-sharding, forward and every gradient against one GPU, under each way of
+sharding, forward, every gradient and forward mode (jvp on the tangent
+kernel, shard-local) against one GPU, under each way of
 putting a mesh to work (`jax.set_mesh` with Explicit axes, Explicit
 shardings on the arrays only, Auto axes, `jax.shard_map`).
 

@@ -9,7 +9,11 @@ checked to compile on XLA:GPU under every way of putting a mesh to work
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -542,3 +546,16 @@ def test_tangent_alone_on_a_mesh_is_right(rng, case):
     on_kernel = calls_to(hlo, TANGENT_TARGET) == 1 and not gathers(hlo)
     on_reference = calls_to(hlo, TANGENT_TARGET) == 0 and gathers(hlo)
     assert on_kernel or on_reference
+
+
+@pytest.mark.parametrize("style", ["set_mesh", "shard_map"])
+def test_multi_gpu_case_runner_on_cpu(style):
+    """tests/multi_gpu_case.py, which the multi-GPU tests run on GPUs, on 4 CPU
+    devices: forward, every gradient and forward mode against one device."""
+    script = pathlib.Path(__file__).resolve().parent / "multi_gpu_case.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    r = subprocess.run([sys.executable, str(script), "--case", "data_x_model", "--style", style,
+                        "--platform", "cpu", "--devices", "4"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "forward mode: 1 tangent kernel call(s), 0 collective(s)" in r.stdout, r.stdout
