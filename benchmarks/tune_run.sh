@@ -1,31 +1,73 @@
 #!/usr/bin/env bash
 # Kernel variants side by side on one GPU, through the bench (distinct calls,
-# profiler kernel time): bash benchmarks/tune_run.sh OUT_DIR
-# Variants are picked with JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh).
+# profiler kernel time): bash benchmarks/tune_run.sh OUT_DIR [SWEEP ...]
+# Sweeps (default: all): backward (sample vs tile kernel, atomics vs gather),
+# forward (register use, tiles, channel splits), lanes (lanes a pixel in the
+# forward and the sample kernel, for channel counts that leave lanes idle:
+# the model layers' 96 and 144 channels). Variants are picked with
+# JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes}
+want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
   local name=$1 tuning=$2; shift 2
-  JAX_DEFORM_CUDA_TUNING=$tuning python3 -m jax_deform.bench --no-torch --repeats 10 \
+  JAX_DEFORM_CUDA_TUNING=$tuning timeout 150 python3 -m jax_deform.bench --no-torch --repeats 10 \
     --json "$out/$name.json" "$@" > "$out/$name.md" 2>&1 || tail -5 "$out/$name.md"
 }
 shapes=(--shape 16,64,64,512 --shape 32,56,56,64 --dtype float32 --dtype bfloat16)
 bwd=(--only jax_deform --only "jax_deform deterministic" --mode fwd+bwd)
-bench sample "" "${shapes[@]}" "${bwd[@]}"
-bench sample_atomic "grad_x=atomic" "${shapes[@]}" --only jax_deform --mode fwd+bwd
-bench tile "backward_kernel=1" "${shapes[@]}" "${bwd[@]}"
-bench sample7 "" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
-bench tile7 "backward_kernel=1" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
+if want backward; then
+  bench sample "" "${shapes[@]}" "${bwd[@]}"
+  bench sample_atomic "grad_x=atomic" "${shapes[@]}" --only jax_deform --mode fwd+bwd
+  bench tile "backward_kernel=1" "${shapes[@]}" "${bwd[@]}"
+  bench sample7 "" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
+  bench tile7 "backward_kernel=1" --shape 32,56,56,96 --kernel 7 --dtype float32 --dtype bfloat16 "${bwd[@]}"
+fi
+if want forward; then
+  fwd3=(--shape 16,64,64,512 --shape 32,56,56,64 --shape 8,128,128,128 --dtype float32
+        --dtype bfloat16 --mode fwd --only jax_deform)
+  for v in "" forward_weights_in_registers=0 forward_weights_in_registers=1 forward_splits=2 \
+           forward_tile=32 forward_tile=128; do
+    bench "fwd_${v:-default}" "$v" "${fwd3[@]}"
+  done
+fi
+if want lanes; then
+  # 7x7 with 96 channels (24 vectors), 5x5 with 144 (36 vectors): fwd+bwd
+  # shows the forward and the sample kernel in the top kernels.
+  for k in 7 5; do
+    shape=$([ $k = 7 ] && echo 32,56,56,96 || echo 32,56,56,144)
+    for v in "" forward_lanes=4,sample_lanes=8 forward_lanes=8,sample_lanes=8 \
+             forward_lanes=16,sample_lanes=16; do
+      bench "k${k}_${v:-default}" "$v" --shape "$shape" --kernel $k --dtype float32 \
+        --dtype bfloat16 --only jax_deform --mode fwd+bwd
+    done
+  done
+  # The forced lane counts must still be right (the defaults' tests never run them).
+  JAX_DEFORM_CUDA_TUNING=forward_lanes=4,sample_lanes=8 timeout 200 python3 -m pytest -q -m gpu \
+    tests/test_api.py -k "forward_matches or gradients_match" > "$out/lanes_tests.log" 2>&1
+  tail -1 "$out/lanes_tests.log"
+  nvcc -std=c++17 -O2 -arch=sm_90 --expt-relaxed-constexpr -I lib lib/cuda_forward.cu \
+    lib/cuda_backward.cu lib/cuda_grad_x_gather.cu lib/cuda_tangent.cu benchmarks/sanitize_kernels.cu \
+    -o /tmp/sanitize_kernels && JAX_DEFORM_CUDA_TUNING=forward_lanes=4,sample_lanes=8 \
+    /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/sanitize_kernels \
+    > "$out/lanes_memcheck.log" 2>&1
+  echo "memcheck with forced lanes: exit $?"
+fi
 python3 - "$out" <<'PY'
-import json, sys, glob, os
+import json, sys, glob, os, re
+def short(kernel):  # the kernel's own name and template arguments, not its namespace
+    m = re.search(r"(\w+(?:<[^()]*>)?)\(", kernel)
+    return m.group(1)[:48] if m else kernel[:48]
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
     name = os.path.basename(path)[:-5]
     for r in json.load(open(path))["results"]:
         if r["impl"] == "DRAM floor":
             continue
         c = r["case"]
-        top = ", ".join(f"{k[:40]} {v:.3f}" for k, v in r["top_kernels_ms"].items())
-        print(f"{name:15s} {c['n']},{c['h']},{c['w']},{c['c']} k{c['kernel']} {r['dtype']:8s} {r['mode']:7s} "
+        top = ", ".join(f"{short(k)} {v:.3f}" for k, v in r["top_kernels_ms"].items())
+        print(f"{name:34s} {c['n']},{c['h']},{c['w']},{c['c']} k{c['kernel']} {r['dtype']:8s} {r['mode']:7s} "
               f"{r['impl'][:24]:24s} {r['ms']:.4f} kern {r['kernel_ms'] or 0:.4f} | {top}")
 PY

@@ -281,6 +281,11 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   SamplePlan p;
   const int64_t vectors = s.channels_per_group() / kSampleVec;
   p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
+  // Tuning runs: fewer lanes for channel counts that leave lanes idle (144
+  // channels: 36 vectors on 2 x 32 lanes), at the price of more slices.
+  if (const int forced = GetTuning().sample_lanes; forced > 0) {
+    p.lanes = std::max(8, std::min(32, forced));
+  }
   p.slices = static_cast<int>((vectors + p.lanes - 1) / p.lanes);
   p.chunks = static_cast<int>((s.taps() + kSampleTaps - 1) / kSampleTaps);
   const int64_t pixels = s.n * s.ho * s.wo;

@@ -263,12 +263,15 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 }
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
-// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,backward_kernel=1,grad_x=gather" (unset: the defaults below,
+// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,
+// backward_kernel=1,grad_x=gather" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
   int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
   int forward_tile = 0;                  // forward output pixels a block (power of two); 0: default
   int forward_splits = 0;                // forward channel slices a group; 0: default
+  int forward_lanes = 0;                 // forward lanes a pixel (power of two); 0: default
+  int sample_lanes = 0;                  // sample kernel lanes a pixel (8, 16, 32); 0: default
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
@@ -287,6 +290,8 @@ inline Tuning ParseTuning(const char* text) {
   }
   if (const char* v = value("forward_tile=")) t.forward_tile = FloorPow2(std::max(1, std::atoi(v)));
   if (const char* v = value("forward_splits=")) t.forward_splits = std::atoi(v);
+  if (const char* v = value("forward_lanes=")) t.forward_lanes = FloorPow2(std::max(1, std::atoi(v)));
+  if (const char* v = value("sample_lanes=")) t.sample_lanes = FloorPow2(std::max(1, std::atoi(v)));
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;

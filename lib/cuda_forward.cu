@@ -214,6 +214,10 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
   constexpr int kVec = 16 / sizeof(T);
   const Tuning& tune = GetTuning();
   Plan p = MakePlan(s, kVec, std::is_same_v<T, double>);
+  if (tune.forward_lanes > 0) {  // tuning runs: e.g. 36 vectors on 4 lanes, not 2 rounds of 32
+    p.lanes = std::min(32, tune.forward_lanes);
+    p = WithTilePixels(s, p, p.tile_pixels);
+  }
   if (tune.forward_tile > 0) p = WithTilePixels(s, p, tune.forward_tile);
   const bool narrow = s.n * s.h * s.w * s.c * int64_t{sizeof(T)} <= INT32_MAX;
   const size_t tap_bytes = narrow ? sizeof(ForwardTapOf<A, int32_t>) : sizeof(ForwardTapOf<A, int64_t>);
