@@ -23,6 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_deform
+from jax_deform import bench
 from jax_deform._ffi import TANGENT_TARGET
 from tests.sharding_checks import (callback_sees_mesh, sums_from_partitioned_call,
                                    reducer_problems, sharding_custom_calls)
@@ -70,7 +71,7 @@ def run_sharded(mesh, ops, specs, implementation="ffi"):
     (value, y), grads = f(sharded, cotangent)
     hlo = f.lower(sharded, cotangent).compile().as_text()
     if implementation == "ffi":  # reverse mode transposes the tangent, never evaluates it
-        assert not calls_to(hlo, TANGENT_TARGET) and not gathers(hlo)
+        assert not bench.heavy_ops(hlo)[TANGENT_TARGET] and not gathers(hlo)
     return value, y, grads, hlo
 
 
@@ -100,10 +101,6 @@ def assert_same_as_unsharded(result, ops, implementation="ffi"):
 def collectives(hlo: str) -> set[str]:
     ops = r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter"
     return set(re.findall(rf"\b({ops})(?:-start)?\(", hlo))
-
-
-def calls_to(hlo: str, target: str) -> int:
-    return len(re.findall(rf'custom_call_target="{re.escape(target)}"', hlo))
 
 
 def gathers(hlo: str) -> list[str]:
@@ -492,7 +489,7 @@ def check_forward_mode_is_shard_local(rng, mesh, kwargs, specs, mode, style="exp
     assert_close(y_dot, want_dot)
     x_sharding = NamedSharding(mesh, specs["x"])
     assert x_sharding.is_equivalent_to(y_dot.sharding, 4), y_dot.sharding
-    assert calls_to(hlo, TANGENT_TARGET) == 1 and not gathers(hlo)
+    assert bench.heavy_ops(hlo)[TANGENT_TARGET] == 1 and not gathers(hlo)
     assert kernel_x_shapes(hlo) == {x_sharding.shard_shape(ops["x"].shape)}
     assert not collectives(hlo), collectives(hlo)
 
@@ -543,8 +540,8 @@ def test_tangent_alone_on_a_mesh_is_right(rng, case):
         hlo = f.lower(sharded_ops, sharded_dots).compile().as_text()
     assert_close(got, want)
     assert NamedSharding(mesh, specs["x"]).is_equivalent_to(got.sharding, 4), got.sharding
-    on_kernel = calls_to(hlo, TANGENT_TARGET) == 1 and not gathers(hlo)
-    on_reference = calls_to(hlo, TANGENT_TARGET) == 0 and gathers(hlo)
+    on_kernel = bench.heavy_ops(hlo)[TANGENT_TARGET] == 1 and not gathers(hlo)
+    on_reference = bench.heavy_ops(hlo)[TANGENT_TARGET] == 0 and gathers(hlo)
     assert on_kernel or on_reference
 
 
