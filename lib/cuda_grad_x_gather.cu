@@ -21,6 +21,15 @@ __host__ __device__ int64_t Contributions(const ConvShape& s) { return s.n * s.h
 // the image, Destinations * taps, sorts last and is never read.
 __host__ __device__ int64_t OutsideKey(const ConvShape& s) { return Destinations(s) * s.taps(); }
 
+// An entry names its sample as (output pixel << TapBits) | tap: the gather
+// splits it with a shift and a mask, where pixel * taps + tap took a 32-bit
+// division per entry (a quarter of the gather's instructions).
+__host__ __device__ int TapBits(int64_t taps) {
+  int bits = 0;
+  while ((int64_t{1} << bits) < taps) ++bits;
+  return bits;
+}
+
 // Bits the sort must look at: keys run from 0 to OutsideKey.
 int KeyBits(const ConvShape& s) {
   int bits = 1;
@@ -68,7 +77,7 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
 }
 
 // One thread per (output pixel, group, tap): the key of each corner is its
-// destination and the tap; the entry packs (pixel * taps + tap) with the corner's weight
+// destination and the tap; the entry packs (pixel << TapBits) | tap with the corner's weight
 // times the mask, all the gather needs. For double the scale does not fit
 // beside the position: it goes to scales[id] and the entry packs the id.
 template <typename T>
@@ -78,24 +87,27 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
                                    unsigned long long* __restrict__ entries,
                                    Accum<T>* __restrict__ scales) {
   using A = Accum<T>;
-  const int64_t taps = s.taps();
-  const int64_t total = s.n * s.ho * s.wo * s.groups * taps;
+  // 32-bit indices: GatherFits keeps the contribution count under 2^31, and
+  // 64-bit division is a long subroutine.
+  const unsigned taps = static_cast<unsigned>(s.taps()), groups = static_cast<unsigned>(s.groups);
+  const unsigned total = static_cast<unsigned>(s.n * s.ho * s.wo * s.groups * s.taps());
+  const int tap_bits = TapBits(taps);
   const int64_t hw = s.h * s.w;
   const unsigned outside = static_cast<unsigned>(OutsideKey(s));
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t k = e % taps, g = (e / taps) % s.groups, pixel = e / (taps * s.groups);
+  for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    const unsigned k = e % taps, pixel_group = e / taps, g = pixel_group % groups,
+                   pixel = pixel_group / groups;
     const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, k);
     A wgt[4];
     CornerWeights(ToBilinear(t), wgt);
     const int64_t image = DecodePixel(s, pixel).image;
-    const unsigned long long where = static_cast<unsigned long long>(pixel * taps + k);
+    const unsigned long long where = (pixel << tap_bits) | k;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t id = e * 4 + i;
+      const int64_t id = int64_t{e} * 4 + i;
       if ((t.valid >> i) & 1u) {
         const unsigned dest = static_cast<unsigned>((image * hw + t.corner[i]) * s.groups + g);
-        keys[id] = static_cast<unsigned>(dest * taps + k);
+        keys[id] = dest * taps + k;
         const A scale = t.mask * wgt[i];
         if constexpr (std::is_same_v<A, double>) {
           scales[id] = scale;
@@ -132,6 +144,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t g = dest % s.groups, in_pixel = dest / s.groups;
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const unsigned taps = static_cast<unsigned>(s.taps());
+  const int tap_bits = TapBits(taps);
+  const unsigned tap_mask = (1u << tap_bits) - 1u;
   const int vectors = static_cast<int>(cg / V);
   for (int base = 0; base < vectors; base += L * R) {
     // Where this lane's R vectors sit in a row of grad_y and weight. Lanes past
@@ -182,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 3)
         } else {
           scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
         }
-        const unsigned pixel = where / taps, k = where - pixel * taps;
+        const unsigned pixel = where >> tap_bits, k = where & tap_mask;
         const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
         if (V > 1 || m == 1) {
           if (k != run_tap) {  // the same for the whole sub-warp
@@ -299,7 +313,7 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
 bool GatherFits(const ConvShape& s) {
   return OutsideKey(s) < std::numeric_limits<unsigned>::max() &&
          Contributions(s) < std::numeric_limits<int>::max() &&
-         s.n * s.ho * s.wo * s.taps() < std::numeric_limits<unsigned>::max();
+         (s.n * s.ho * s.wo << TapBits(s.taps())) < std::numeric_limits<unsigned>::max();
 }
 
 size_t GatherScratchBytes(const ConvShape& s, bool wide) { return MakeLayout(s, wide).total; }
