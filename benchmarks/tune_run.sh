@@ -4,12 +4,13 @@
 # Sweeps (default: all): backward (sample vs tile kernel, atomics vs gather),
 # forward (register use, tiles, channel splits), lanes (lanes a pixel in the
 # forward and the sample kernel, for channel counts that leave lanes idle:
-# the model layers' 96 and 144 channels). Variants are picked with
+# the model layers' 96 and 144 channels), rounds (two channel vectors a lane
+# in the sample kernel). Variants are picked with
 # JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
-sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes}
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds}
 want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
@@ -55,6 +56,19 @@ if want lanes; then
     /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/sanitize_kernels \
     > "$out/lanes_memcheck.log" 2>&1
   echo "memcheck with forced lanes: exit $?"
+fi
+if want rounds; then
+  # Two channel vectors a lane (sample kernel): half the slices where a group
+  # has more than 32 vectors; checked by the GPU tests with the key set.
+  for v in "" sample_rounds=2; do
+    bench "rounds_${v:-default}" "$v" --shape 16,64,64,512 --shape 8,128,128,128 \
+      --dtype float32 --dtype bfloat16 "${bwd[@]}"
+    bench "rounds7_${v:-default}" "$v" --shape 32,28,28,192 --shape 32,14,14,384 --kernel 7 \
+      --dtype float32 --dtype bfloat16 --only jax_deform --mode fwd+bwd
+  done
+  JAX_DEFORM_CUDA_TUNING=sample_rounds=2 timeout 200 python3 -m pytest -q -m gpu \
+    tests/test_api.py tests/test_determinism.py -k "gradients_match or bitwise" > "$out/rounds_tests.log" 2>&1
+  tail -1 "$out/rounds_tests.log"
 fi
 python3 - "$out" <<'PY'
 import json, sys, glob, os, re

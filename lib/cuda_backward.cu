@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 // ---------------------------------------------------------------------------
 // The sample kernel (M = 1, channels in vectors of 4): pixel-major, like the
 // forward. A warp (or a sub-warp of L lanes when a group has fewer channels)
-// takes one output pixel at a time; its lanes own V consecutive channels each
-// of one channel slice (L * V channels) of the offset group. For each tap of
+// takes one output pixel at a time; its lanes own R vectors of V consecutive
+// channels each of one channel slice (L * R * V channels) of the offset group. For each tap of
 // the block's tap chunk a lane samples its channels once and accumulates, in
 // registers:
 //   * the pixel's channel sums of grad_mask and grad_offset (3 per tap), which
@@ -230,7 +230,8 @@ __device__ __forceinline__ void ReduceScatter(A (&a)[kSampleSums], int lane) {
 
 struct SamplePlan {
   int lanes;       // L: lanes per pixel (8, 16 or 32)
-  int slices;      // channel slices of L * V channels per offset group
+  int rounds;      // R: channel vectors per lane (1, or 2 with 32 lanes)
+  int slices;      // channel slices of L * R * V channels per offset group
   int chunks;      // tap chunks of up to kSampleTaps taps
   int64_t pixels_per_block, blocks_x;
 };
@@ -286,7 +287,11 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   if (const int forced = GetTuning().sample_lanes; forced > 0) {
     p.lanes = std::max(8, std::min(32, forced));
   }
-  p.slices = static_cast<int>((vectors + p.lanes - 1) / p.lanes);
+  // Tuning runs: two vectors a lane halve the slices (and with them the
+  // per-pixel geometry, offset loads and reductions per channel) where a
+  // group has more than 32 vectors.
+  p.rounds = GetTuning().sample_rounds == 2 && p.lanes == 32 && vectors > 32 ? 2 : 1;
+  p.slices = static_cast<int>((vectors + p.lanes * p.rounds - 1) / (p.lanes * p.rounds));
   p.chunks = static_cast<int>((s.taps() + kSampleTaps - 1) / kSampleTaps);
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t step = kSampleWarps * (32 / p.lanes);  // pixels a block visits at once
@@ -304,11 +309,12 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
 template <typename A>
 inline size_t SampleSharedBytes(const SamplePlan& p) {
   return kSampleWarps * (32 / p.lanes) * kSampleTaps * sizeof(SampleTapOf<A>) +
-         kSampleTaps * kSampleVec * kSampleWarps * 32 * sizeof(A);
+         kSampleTaps * p.rounds * kSampleVec * kSampleWarps * 32 * sizeof(A);
 }
 
 // Two blocks per SM: measured (H200) faster than three with spills.
-template <typename T, int L>
+// R: channel vectors per lane (vector q of lane l is slice * L * R + q * L + l).
+template <typename T, int L, int R>
 __global__ void __launch_bounds__(kSampleWarps * 32, 2)
     BackwardSampleKernel(ConvShape s, SamplePlan plan, bool scatter, const T* __restrict__ x,
                          const T* __restrict__ offset, const T* __restrict__ mask,
@@ -321,26 +327,32 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   SampleTapOf<A>* geo = reinterpret_cast<SampleTapOf<A>*>(smem) + (warp * kSub + sub) * KC;
-  // grad_weight accumulators [KC][threads][V]: one 16-byte access per tap.
+  // grad_weight accumulators [KC][R][threads][V]: one 16-byte access per tap
+  // and vector.
   A* weight_sums = reinterpret_cast<A*>(reinterpret_cast<SampleTapOf<A>*>(smem) +
                                         kSampleWarps * kSub * KC);
   A* my_weight_sums = weight_sums + threadIdx.x * V;
-  const int tap_stride = blockDim.x * V;
+  const int tap_stride = blockDim.x * V;  // between (tap, vector) slots
 
   const int64_t taps = s.taps(), cg = s.channels_per_group(), cm = s.out_channels();
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t g = blockIdx.y / plan.slices;
   const int slice = blockIdx.y % plan.slices;
-  const int vec = slice * L + lane;
-  const bool channels_active = vec < cg / V;
-  const int64_t c = g * cg + static_cast<int64_t>(channels_active ? vec : 0) * V;
+  bool active[R];
+  int64_t c[R];
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    const int vec = (slice * R + q) * L + lane;
+    active[q] = vec < cg / V;
+    c[q] = g * cg + static_cast<int64_t>(active[q] ? vec : 0) * V;
+  }
   const int k0 = blockIdx.z * KC;
   const int kc = static_cast<int>(min(static_cast<int64_t>(KC), taps - k0));
   const int64_t p_begin = blockIdx.x * plan.pixels_per_block;
   const int64_t p_end = min(pixels, p_begin + plan.pixels_per_block);
 
 #pragma unroll
-  for (int t = 0; t < KC; ++t) {
+  for (int t = 0; t < KC * R; ++t) {
 #pragma unroll
     for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
   }
@@ -372,19 +384,16 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
     A sums[kSampleSums];
 #pragma unroll
     for (int i = 0; i < kSampleSums; ++i) sums[i] = A(0);
-    if (pixel_valid && channels_active) {
-      const char* xc = reinterpret_cast<const char*>(x + c);
-      A* gxc = grad_x + c;
-      A gy[V];
-      LoadVec<T, V>(grad_y + pixel * cm + c, gy);
+    if (pixel_valid && active[0]) {  // vector 0 is the lane's first: none past it is active
+      A gy[R][V];
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        if (active[q]) LoadVec<T, V>(grad_y + pixel * cm + c[q], gy[q]);
+      }
 #pragma unroll
       for (int t = 0; t < KC; ++t) {
         if (t < kc) {
           const SampleTapOf<A>& tap = geo[t];
-          A wv[V], gcol[V];
-          LoadVec<T, V>(weight + (k0 + t) * cm + c, wv);
-#pragma unroll
-          for (int v = 0; v < V; ++v) gcol[v] = gy[v] * wv[v];
           // The sample value of each channel is formed as the reference
           // forms it (sum_i w_i * corner_i, then times the mask), so grad_mask
           // and grad_weight have its IEEE infs and NaNs when mask or weight
@@ -396,39 +405,51 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
           // Corners outside the image read as zeros, so the weights need no
           // validity factor: whatever multiplies a zero adds nothing.
           const A wgt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-          // All four corners are loaded before any is used, so their loads
-          // are in flight together rather than one branch at a time.
-          A corner[4][V];
+          A dot[4] = {A(0), A(0), A(0), A(0)}, sum_val = A(0);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (tap.start[i] >= 0) {
-              LoadVec<T, V>(reinterpret_cast<const T*>(xc + tap.start[i]), corner[i]);
-            } else {
+          for (int q = 0; q < R; ++q) {
+            if (!active[q]) continue;  // a lane past the group's channels adds nothing
+            const char* xc = reinterpret_cast<const char*>(x + c[q]);
+            A wv[V], gcol[V];
+            LoadVec<T, V>(weight + (k0 + t) * cm + c[q], wv);
 #pragma unroll
-              for (int v = 0; v < V; ++v) corner[i][v] = A(0);
-            }
-          }
-          A dot[4] = {A(0), A(0), A(0), A(0)}, sum_val = A(0), gw[V];
-          LoadVec<A, V>(my_weight_sums + t * tap_stride, gw);
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            A val = poison;
+            for (int v = 0; v < V; ++v) gcol[v] = gy[q][v] * wv[v];
+            // All four corners are loaded before any is used, so their loads
+            // are in flight together rather than one branch at a time.
+            A corner[4][V];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              val += wgt[i] * corner[i][v];
-              dot[i] += gcol[v] * corner[i][v];
+              if (tap.start[i] >= 0) {
+                LoadVec<T, V>(reinterpret_cast<const T*>(xc + tap.start[i]), corner[i]);
+              } else {
+#pragma unroll
+                for (int v = 0; v < V; ++v) corner[i][v] = A(0);
+              }
             }
-            sum_val += gcol[v] * val;
-            gw[v] += (val * mask_t) * gy[v];
-          }
-          if (scatter) {
+            A* my_sums = my_weight_sums + (t * R + q) * tap_stride;
+            A gw[V];
+            LoadVec<A, V>(my_sums, gw);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              if (tap.start[i] < 0) continue;
-              A contrib[V];
+            for (int v = 0; v < V; ++v) {
+              A val = poison;
 #pragma unroll
-              for (int v = 0; v < V; ++v) contrib[v] = mask_t * wgt[i] * gcol[v];
-              AtomicAddVec<V>(gxc + tap.start[i] / int64_t{sizeof(T)}, contrib);
+              for (int i = 0; i < 4; ++i) {
+                val += wgt[i] * corner[i][v];
+                dot[i] += gcol[v] * corner[i][v];
+              }
+              sum_val += gcol[v] * val;
+              gw[v] += (val * mask_t) * gy[q][v];
+            }
+            StoreVec<A, V>(my_sums, gw);
+            if (scatter) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                if (tap.start[i] < 0) continue;
+                A contrib[V];
+#pragma unroll
+                for (int v = 0; v < V; ++v) contrib[v] = mask_t * wgt[i] * gcol[v];
+                AtomicAddVec<V>(grad_x + c[q] + tap.start[i] / int64_t{sizeof(T)}, contrib);
+              }
             }
           }
           // sum_i w'_i dot_i for the weights' y and x derivatives
@@ -437,7 +458,6 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
           sums[3 * t] += sum_val;
           sums[3 * t + 1] += poison + (bottom - top);
           sums[3 * t + 2] += poison + (hy * (dot[1] - dot[0]) + ly * (dot[3] - dot[2]));
-          StoreVec<A, V>(my_weight_sums + t * tap_stride, gw);
         }
       }
     }
@@ -462,12 +482,13 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
   }
   // grad_weight: this block's sum over its warps and sub-warps, in order.
   __syncthreads();
-  for (int e = threadIdx.x; e < KC * L * V; e += blockDim.x) {
-    const int t = e / (L * V), l = (e / V) % L, v = e % V;
-    if (t >= kc || slice * L + l >= cg / V) continue;
+  for (int e = threadIdx.x; e < KC * R * L * V; e += blockDim.x) {
+    const int tq = e / (L * V), t = tq / R, l = (e / V) % L, v = e % V;
+    const int vec = (slice * R + tq % R) * L + l;
+    if (t >= kc || vec >= cg / V) continue;
     A total = A(0);
-    for (int w = 0; w < kSampleWarps * kSub; ++w) total += weight_sums[t * tap_stride + (w * L + l) * V + v];
-    weight_partial[(blockIdx.x * taps + k0 + t) * cm + g * cg + (slice * L + l) * V + v] = total;
+    for (int w = 0; w < kSampleWarps * kSub; ++w) total += weight_sums[tq * tap_stride + (w * L + l) * V + v];
+    weight_partial[(blockIdx.x * taps + k0 + t) * cm + g * cg + vec * V + v] = total;
   }
 }
 
@@ -583,9 +604,10 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
   const SamplePlan p = MakeSamplePlan(s);
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
-  const SampleFn<T> fn = p.lanes == 32   ? BackwardSampleKernel<T, 32>
-                         : p.lanes == 16 ? BackwardSampleKernel<T, 16>
-                                         : BackwardSampleKernel<T, 8>;
+  const SampleFn<T> fn = p.rounds == 2    ? BackwardSampleKernel<T, 32, 2>
+                         : p.lanes == 32   ? BackwardSampleKernel<T, 32, 1>
+                         : p.lanes == 16   ? BackwardSampleKernel<T, 16, 1>
+                                           : BackwardSampleKernel<T, 8, 1>;
   const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
                   static_cast<unsigned>(p.chunks));
   const size_t smem = SampleSharedBytes<float>(p);
