@@ -5,12 +5,13 @@
 # forward (register use, tiles, channel splits), lanes (lanes a pixel in the
 # forward and the sample kernel, for channel counts that leave lanes idle:
 # the model layers' 96 and 144 channels), rounds (two channel vectors a lane
-# in the sample kernel). Variants are picked with
+# in the sample kernel), fit (the sample kernel's lanes and vectors a lane
+# fitted to the group, with the forward's lanes, at the model layers). Variants are picked with
 # JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
-sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds}
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit}
 want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
@@ -69,6 +70,15 @@ if want rounds; then
   JAX_DEFORM_CUDA_TUNING=sample_rounds=2 timeout 200 python3 -m pytest -q -m gpu \
     tests/test_api.py tests/test_determinism.py -k "gradients_match or bitwise" > "$out/rounds_tests.log" 2>&1
   tail -1 "$out/rounds_tests.log"
+fi
+if want fit; then
+  # 96 channels: 8 lanes x 3 vectors; 144: 16 x 3; 192: 16 x 3; 384: 32 x 3 (one slice each).
+  for v in "" sample_fit=1 sample_fit=1,forward_lanes=4 sample_fit=1,forward_lanes=8; do
+    bench "fit7_${v:-default}" "$v" --shape 32,56,56,96 --shape 32,28,28,192 --shape 32,14,14,384 \
+      --kernel 7 --dtype float32 --dtype bfloat16 --only jax_deform --mode fwd+bwd
+    bench "fit5_${v:-default}" "$v" --shape 32,56,56,144 --kernel 5 --dtype float32 --dtype bfloat16 \
+      --only jax_deform --mode fwd+bwd
+  done
 fi
 python3 - "$out" <<'PY'
 import json, sys, glob, os, re

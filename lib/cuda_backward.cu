@@ -13,6 +13,8 @@
 #include "cuda_common.cuh"
 #include "cuda_grad_x_gather.h"
 
+#include <utility>
+
 namespace jax_deform {
 namespace {
 
@@ -202,7 +204,11 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 // No shared-memory atomics, no block barrier inside the pixel loop, every sum
 // in a fixed order. Slices of one group (more than L * V channels) write
 // partial grad_offset/grad_mask that SumSlicesKernel adds in slice order.
-constexpr int kSampleWarps = 8;
+// Warps a block, and blocks an SM the registers must allow: with three
+// vectors a lane the grad_weight slots (SampleSharedBytes) of two 8-warp
+// blocks would overflow an SM's shared memory, so 5-warp blocks, 3 an SM.
+constexpr int SampleWarps(int rounds) { return rounds == 3 ? 5 : 8; }
+constexpr int SampleMinBlocks(int rounds) { return rounds == 3 ? 3 : 2; }
 constexpr int kSampleVec = 4;   // channels per lane access (16 bytes in float32)
 constexpr int kSampleTaps = 9;  // taps per block (kernels with more taps use grid.z chunks)
 constexpr int kSampleSums = 32; // 3 sums per tap, padded to the butterfly's width
@@ -230,7 +236,8 @@ __device__ __forceinline__ void ReduceScatter(A (&a)[kSampleSums], int lane) {
 
 struct SamplePlan {
   int lanes;       // L: lanes per pixel (8, 16 or 32)
-  int rounds;      // R: channel vectors per lane (1, or 2 with 32 lanes)
+  int rounds;      // R: channel vectors per lane (1, 2 or 3)
+  int warps;       // warps per block (fewer with 3 vectors a lane: shared memory)
   int slices;      // channel slices of L * R * V channels per offset group
   int chunks;      // tap chunks of up to kSampleTaps taps
   int64_t pixels_per_block, blocks_x;
@@ -278,23 +285,57 @@ inline bool SampleKernelFits(const ConvShape& s, bool wide) {
          x_bytes <= INT32_MAX;
 }
 
+// The (lanes, vectors a lane) pairs the sample kernel is built for.
+// (8 or 16 lanes with 2 vectors: never the fit below, and they spill.)
+constexpr int kSampleShapes[][2] = {{8, 1}, {16, 1}, {32, 1}, {32, 2}, {8, 3}, {16, 3}, {32, 3}};
+
+inline bool SampleShapeBuilt(int lanes, int rounds) {
+  for (const auto& lr : kSampleShapes) {
+    if (lr[0] == lanes && lr[1] == rounds) return true;
+  }
+  return false;
+}
+
+// Lanes L and vectors a lane R for a group of `vectors` channel vectors: the
+// fewest slices (each slice redoes the pixel's geometry, offset loads and
+// reductions), then the fewest lane slots (slices * L * R: idle lanes cost
+// as much as busy ones), then the most lanes. 96 channels (24 vectors): one
+// slice of 8 lanes x 3, where 32 lanes x 1 leaves a quarter of them idle.
+inline void FitSampleLanes(int64_t vectors, int& lanes, int& rounds) {
+  int64_t best_slices = -1, best_slots = 0;
+  lanes = 32, rounds = 1;
+  for (const auto& lr : kSampleShapes) {
+    const int64_t per = lr[0] * lr[1], slices = (vectors + per - 1) / per, slots = slices * per;
+    if (best_slices < 0 || slices < best_slices || (slices == best_slices && slots < best_slots) ||
+        (slices == best_slices && slots == best_slots && lr[0] > lanes)) {
+      best_slices = slices, best_slots = slots, lanes = lr[0], rounds = lr[1];
+    }
+  }
+}
+
 inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   SamplePlan p;
   const int64_t vectors = s.channels_per_group() / kSampleVec;
-  p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
-  // Tuning runs: fewer lanes for channel counts that leave lanes idle (144
-  // channels: 36 vectors on 2 x 32 lanes), at the price of more slices.
-  if (const int forced = GetTuning().sample_lanes; forced > 0) {
-    p.lanes = std::max(8, std::min(32, forced));
+  const Tuning& tune = GetTuning();
+  if (tune.sample_fit == 1) {
+    FitSampleLanes(vectors, p.lanes, p.rounds);
+  } else {
+    p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
+    p.rounds = 1;
   }
-  // Tuning runs: two vectors a lane halve the slices (and with them the
-  // per-pixel geometry, offset loads and reductions per channel) where a
-  // group has more than 32 vectors.
-  p.rounds = GetTuning().sample_rounds == 2 && p.lanes == 32 && vectors > 32 ? 2 : 1;
+  // Tuning runs: forced lanes (e.g. 144 channels: 36 vectors on 8 lanes
+  // rather than 2 x 32) and vectors a lane (fewer slices, so the per-pixel
+  // geometry, offset loads and reductions are paid once per L * R vectors).
+  if (tune.sample_lanes > 0) p.lanes = std::max(8, std::min(32, tune.sample_lanes));
+  if (tune.sample_rounds > 0) p.rounds = std::max(1, std::min(3, tune.sample_rounds));
+  // No more vectors a lane than the group needs.
+  while (p.rounds > 1 && (p.rounds - 1) * p.lanes >= vectors) --p.rounds;
+  if (!SampleShapeBuilt(p.lanes, p.rounds)) p.rounds = 1;
+  p.warps = SampleWarps(p.rounds);
   p.slices = static_cast<int>((vectors + p.lanes * p.rounds - 1) / (p.lanes * p.rounds));
   p.chunks = static_cast<int>((s.taps() + kSampleTaps - 1) / kSampleTaps);
   const int64_t pixels = s.n * s.ho * s.wo;
-  const int64_t step = kSampleWarps * (32 / p.lanes);  // pixels a block visits at once
+  const int64_t step = p.warps * (32 / p.lanes);  // pixels a block visits at once
   // About eight blocks per SM over the whole grid, but at least 4 steps a
   // block, so the per-block grad_weight partial sums stay small.
   const int64_t others = static_cast<int64_t>(p.slices) * s.groups * p.chunks;
@@ -308,14 +349,15 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
 
 template <typename A>
 inline size_t SampleSharedBytes(const SamplePlan& p) {
-  return kSampleWarps * (32 / p.lanes) * kSampleTaps * sizeof(SampleTapOf<A>) +
-         kSampleTaps * p.rounds * kSampleVec * kSampleWarps * 32 * sizeof(A);
+  return p.warps * (32 / p.lanes) * kSampleTaps * sizeof(SampleTapOf<A>) +
+         kSampleTaps * p.rounds * kSampleVec * p.warps * 32 * sizeof(A);
 }
 
-// Two blocks per SM: measured (H200) faster than three with spills.
+// Two 8-warp blocks per SM (measured on an H200: faster than three with
+// spills), or three 5-warp blocks with three vectors a lane.
 // R: channel vectors per lane (vector q of lane l is slice * L * R + q * L + l).
 template <typename T, int L, int R>
-__global__ void __launch_bounds__(kSampleWarps * 32, 2)
+__global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
     BackwardSampleKernel(ConvShape s, SamplePlan plan, bool scatter, const T* __restrict__ x,
                          const T* __restrict__ offset, const T* __restrict__ mask,
                          const T* __restrict__ weight, const T* __restrict__ grad_y,
@@ -330,7 +372,7 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
   // grad_weight accumulators [KC][R][threads][V]: one 16-byte access per tap
   // and vector.
   A* weight_sums = reinterpret_cast<A*>(reinterpret_cast<SampleTapOf<A>*>(smem) +
-                                        kSampleWarps * kSub * KC);
+                                        plan.warps * kSub * KC);
   A* my_weight_sums = weight_sums + threadIdx.x * V;
   const int tap_stride = blockDim.x * V;  // between (tap, vector) slots
 
@@ -359,7 +401,7 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
   // Lane l of a sub-warp loads the offsets and mask of taps l, l + L, ... one
   // pixel ahead, so their latency hides behind the current pixel's samples.
   constexpr int kAhead = (KC + L - 1) / L;
-  constexpr int64_t kStep = kSampleWarps * kSub;
+  const int64_t step = plan.warps * kSub;  // pixels the block visits at once
   TapOperands<A> ahead[kAhead];
   auto load_ahead = [&](int64_t pixel) {
 #pragma unroll
@@ -370,7 +412,7 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
   };
   load_ahead(p_begin + warp * kSub + sub);
   // Warp-uniform trip count: every lane reaches the shuffles.
-  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += kStep) {
+  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += step) {
     const int64_t pixel = p0 + sub;
     const bool pixel_valid = pixel < p_end;
     __syncwarp();
@@ -380,7 +422,7 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
       if (pixel_valid && t < kc) geo[t] = MakeSampleTap<T>(s, pixel, k0 + t, ahead[r]);
     }
     __syncwarp();
-    load_ahead(pixel + kStep);
+    load_ahead(pixel + step);
     A sums[kSampleSums];
 #pragma unroll
     for (int i = 0; i < kSampleSums; ++i) sums[i] = A(0);
@@ -487,7 +529,7 @@ __global__ void __launch_bounds__(kSampleWarps * 32, 2)
     const int vec = (slice * R + tq % R) * L + l;
     if (t >= kc || vec >= cg / V) continue;
     A total = A(0);
-    for (int w = 0; w < kSampleWarps * kSub; ++w) total += weight_sums[tq * tap_stride + (w * L + l) * V + v];
+    for (int w = 0; w < plan.warps * kSub; ++w) total += weight_sums[tq * tap_stride + (w * L + l) * V + v];
     weight_partial[(blockIdx.x * taps + k0 + t) * cm + g * cg + vec * V + v] = total;
   }
 }
@@ -596,6 +638,23 @@ template <typename T>
 using SampleFn = void (*)(ConvShape, SamplePlan, bool, const T*, const T*, const T*, const T*,
                           const T*, Accum<T>*, Accum<T>*, Accum<T>*, Accum<T>*, Accum<T>*);
 
+template <typename T, int... I>
+SampleFn<T> SampleKernelAt(int lanes, int rounds, std::integer_sequence<int, I...>) {
+  SampleFn<T> fn = nullptr;
+  ((kSampleShapes[I][0] == lanes && kSampleShapes[I][1] == rounds
+        ? (fn = BackwardSampleKernel<T, kSampleShapes[I][0], kSampleShapes[I][1]>, 0)
+        : 0),
+   ...);
+  return fn;
+}
+
+// The kernel built for (lanes, vectors a lane); every plan's pair is one of kSampleShapes.
+template <typename T>
+SampleFn<T> SampleKernelFor(int lanes, int rounds) {
+  constexpr int kCount = sizeof(kSampleShapes) / sizeof(kSampleShapes[0]);
+  return SampleKernelAt<T>(lanes, rounds, std::make_integer_sequence<int, kCount>{});
+}
+
 template <typename T>
 cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gather, const T* x,
                               const T* offset, const T* mask, const T* weight, const T* grad_y,
@@ -604,19 +663,16 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
   const SamplePlan p = MakeSamplePlan(s);
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
-  const SampleFn<T> fn = p.rounds == 2    ? BackwardSampleKernel<T, 32, 2>
-                         : p.lanes == 32   ? BackwardSampleKernel<T, 32, 1>
-                         : p.lanes == 16   ? BackwardSampleKernel<T, 16, 1>
-                                           : BackwardSampleKernel<T, 8, 1>;
+  const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds);
   const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
                   static_cast<unsigned>(p.chunks));
   const size_t smem = SampleSharedBytes<float>(p);
-  if (smem > 48 * 1024) {  // sub-warps of 8 or 16 lanes: more tap tables than the default allows
+  if (smem > 48 * 1024) {  // more vectors a lane or sub-warps: more than the default allows
     const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  fn<<<grid, kSampleWarps * 32, smem, stream>>>(
+  fn<<<grid, p.warps * 32, smem, stream>>>(
       s, p, !gather, x, offset, mask, weight, grad_y, grad_x, grad_offset, grad_mask, slice_partial,
       weight_partial);
   cudaError_t err = cudaGetLastError();

@@ -263,7 +263,7 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 }
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
-// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,
+// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,sample_rounds=2,sample_fit=1,
 // backward_kernel=1,grad_x=gather" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
@@ -272,7 +272,8 @@ struct Tuning {
   int forward_splits = 0;                // forward channel slices a group; 0: default
   int forward_lanes = 0;                 // forward lanes a pixel (power of two); 0: default
   int sample_lanes = 0;                  // sample kernel lanes a pixel (8, 16, 32); 0: default
-  int sample_rounds = 0;                 // sample kernel vectors a lane (2 with 32 lanes); 0: default
+  int sample_rounds = 0;                 // sample kernel vectors a lane (1-3); 0: default
+  int sample_fit = 0;                    // 1: sample kernel lanes and vectors fitted to the group
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
@@ -294,6 +295,7 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("forward_lanes=")) t.forward_lanes = FloorPow2(std::max(1, std::atoi(v)));
   if (const char* v = value("sample_lanes=")) t.sample_lanes = FloorPow2(std::max(1, std::atoi(v)));
   if (const char* v = value("sample_rounds=")) t.sample_rounds = std::atoi(v);
+  if (const char* v = value("sample_fit=")) t.sample_fit = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;

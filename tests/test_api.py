@@ -170,6 +170,9 @@ GRAD_CASES = [
     dict(c=32, groups=2, kernel=(5, 5), padding=2, with_mask=False),
     dict(n=1, h=6, w=7, c=128, groups=2, kernel=(5, 5), padding=2),
     dict(n=1, h=5, w=6, c=512, groups=2, stride=2, with_mask=False),
+    # Three vectors a lane (the fitted plan): 16 lanes x 3 for 144 channels,
+    # the third round a quarter full.
+    dict(n=1, h=6, w=5, c=144, kernel=(5, 5), padding=2),
 ]
 
 
