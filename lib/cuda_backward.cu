@@ -296,15 +296,15 @@ inline bool SampleShapeBuilt(int lanes, int rounds) {
   return false;
 }
 
-// Lanes L and vectors a lane R for a group of `vectors` channel vectors: the
-// fewest slices (each slice redoes the pixel's geometry, offset loads and
-// reductions), then the fewest lane slots (slices * L * R: idle lanes cost
-// as much as busy ones), then the most lanes. 96 channels (24 vectors): one
-// slice of 8 lanes x 3, where 32 lanes x 1 leaves a quarter of them idle.
-inline void FitSampleLanes(int64_t vectors, int& lanes, int& rounds) {
+// Lanes L (at least min_lanes) and vectors a lane R for a group of `vectors`
+// channel vectors: the fewest slices (each slice redoes the pixel's
+// geometry, offset loads and reductions), then the fewest lane slots
+// (slices * L * R: idle lanes cost as much as busy ones), then the most lanes.
+inline void FitSampleLanes(int64_t vectors, int min_lanes, int& lanes, int& rounds) {
   int64_t best_slices = -1, best_slots = 0;
   lanes = 32, rounds = 1;
   for (const auto& lr : kSampleShapes) {
+    if (lr[0] < min_lanes) continue;
     const int64_t per = lr[0] * lr[1], slices = (vectors + per - 1) / per, slots = slices * per;
     if (best_slices < 0 || slices < best_slices || (slices == best_slices && slots < best_slots) ||
         (slices == best_slices && slots == best_slots && lr[0] > lanes)) {
@@ -313,15 +313,27 @@ inline void FitSampleLanes(int64_t vectors, int& lanes, int& rounds) {
   }
 }
 
+// Measured on an H200 (benchmarks/RESULTS.md, "Lanes and vectors a lane"):
+// two vectors a lane pay where both rounds are full (512 channels: 2 slices
+// of 32 x 2 instead of 4 of 32, 5-8% faster); a fitted plan of 16 lanes or
+// more pays where the default leaves over 40% of the lanes idle (144
+// channels: one slice of 16 x 3 instead of 2 x 32 lanes, 4-7%); 8 lanes x 3
+// for 96 channels and 3 vectors a lane at 192 and 384 channels were slower
+// (tuning key sample_fit=1 forces the fit over 8 lanes and up).
 inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   SamplePlan p;
   const int64_t vectors = s.channels_per_group() / kSampleVec;
   const Tuning& tune = GetTuning();
+  p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
+  p.rounds = p.lanes == 32 && vectors % 64 == 0 ? 2 : 1;
+  const int64_t default_slots = (vectors + p.lanes - 1) / p.lanes * p.lanes;
   if (tune.sample_fit == 1) {
-    FitSampleLanes(vectors, p.lanes, p.rounds);
-  } else {
-    p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
-    p.rounds = 1;
+    FitSampleLanes(vectors, 8, p.lanes, p.rounds);
+  } else if (10 * vectors < 6 * default_slots) {
+    int lanes, rounds;
+    FitSampleLanes(vectors, 16, lanes, rounds);
+    const int64_t per = lanes * rounds;
+    if ((vectors + per - 1) / per * per < default_slots) p.lanes = lanes, p.rounds = rounds;
   }
   // Tuning runs: forced lanes (e.g. 144 channels: 36 vectors on 8 lanes
   // rather than 2 x 32) and vectors a lane (fewer slices, so the per-pixel
