@@ -166,7 +166,7 @@ MUTANTS = [
            "for (int sl = 0; sl < slices; ++sl)", "for (int sl = 0; sl < slices - 1; ++sl)",
            ("tests/test_api.py", "-m", "gpu", "-k", "gradients_match"), cuda=True),
     Mutant("CUDA: offsets loaded ahead for the wrong pixel", "lib/cuda_backward.cu",
-           "load_ahead(pixel + kStep);", "load_ahead(pixel + kStep + 1);",
+           "load_ahead(pixel + step);", "load_ahead(pixel + step + 1);",
            ("tests/test_api.py", "-m", "gpu", "-k", "gradients_match"), cuda=True),
     Mutant("CUDA: forward corner offsets forget the image", "lib/cuda_forward.cu",
            "? static_cast<Off>((image_start + t.corner[i])", "? static_cast<Off>((t.corner[i])",
