@@ -41,9 +41,8 @@ int KeyBits(const ConvShape& s) {
 // (float64): each contribution's scale is a double of its own, `scales`,
 // indexed by contribution id, which the entry then carries in its upper half.
 struct Layout {
-  size_t counts, starts, keys_in, keys_out, entries_in, entries_out, sort_temp, scan_temp, scales,
-      total;
-  size_t sort_bytes, scan_bytes;
+  size_t starts, keys_in, keys_out, entries_in, entries_out, sort_temp, scales, total;
+  size_t sort_bytes;
 };
 
 Layout MakeLayout(const ConvShape& s, bool wide = false) {
@@ -55,22 +54,18 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
                                   static_cast<const unsigned long long*>(nullptr),
                                   static_cast<unsigned long long*>(nullptr), contributions, 0,
                                   KeyBits(s));
-  cub::DeviceScan::ExclusiveSum(nullptr, d.scan_bytes, static_cast<unsigned*>(nullptr),
-                                static_cast<unsigned*>(nullptr), destinations + 1);
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t here = at;
     at += Align(bytes);
     return here;
   };
-  d.counts = take((destinations + 1) * sizeof(unsigned));
   d.starts = take((destinations + 1) * sizeof(unsigned));
   d.keys_in = take(contributions * sizeof(unsigned));
   d.keys_out = take(contributions * sizeof(unsigned));
   d.entries_in = take(contributions * sizeof(unsigned long long));
   d.entries_out = take(contributions * sizeof(unsigned long long));
   d.sort_temp = take(d.sort_bytes);
-  d.scan_temp = take(d.scan_bytes);
   d.scales = wide ? take(contributions * sizeof(double)) : 0;
   d.total = at;
   return d;
@@ -80,10 +75,13 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
 // destination and the tap; the entry packs (pixel << TapBits) | tap with the corner's weight
 // times the mask, all the gather needs. For double the scale does not fit
 // beside the position: it goes to scales[id] and the entry packs the id.
+// Nothing is counted here: where each destination's entries start is found
+// in the sorted keys afterwards (SegmentStartsKernel), where an integer
+// atomic per corner (4 per sample, neighbouring taps of a warp often on one
+// address) made this kernel as slow as the sort.
 template <typename T>
 __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
-                                   const T* __restrict__ mask, unsigned* __restrict__ counts,
-                                   unsigned* __restrict__ keys,
+                                   const T* __restrict__ mask, unsigned* __restrict__ keys,
                                    unsigned long long* __restrict__ entries,
                                    Accum<T>* __restrict__ scales) {
   using A = Accum<T>;
@@ -115,13 +113,35 @@ __global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
         } else {
           entries[id] = where | (static_cast<unsigned long long>(__float_as_uint(scale)) << 32);
         }
-        atomicAdd(counts + dest, 1u);  // integer: the count does not depend on the order
       } else {
         keys[id] = outside;
         entries[id] = 0;
       }
     }
   }
+}
+
+// starts[d] = the first sorted entry whose key is d * taps or more, for d in
+// [0, destinations]: destination d's entries are [starts[d], starts[d + 1]),
+// and starts[destinations] is where the samples outside the image begin
+// (their key, OutsideKey, is destinations * taps). One thread per
+// destination, a binary search over the sorted keys.
+__global__ void SegmentStartsKernel(const unsigned* __restrict__ keys, unsigned count,
+                                    unsigned destinations, unsigned taps,
+                                    unsigned* __restrict__ starts) {
+  const unsigned d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d > destinations) return;
+  const unsigned want = d * taps;  // GatherFits: OutsideKey fits 32 bits
+  unsigned lo = 0, hi = count;
+  while (lo < hi) {
+    const unsigned mid = lo + (hi - lo) / 2;
+    if (keys[mid] < want) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  starts[d] = lo;
 }
 
 // One warp per destination, or for groups of 16 vectors or fewer one
@@ -277,7 +297,6 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   using A = Accum<T>;
   const Layout d = MakeLayout(s, std::is_same_v<A, double>);
   auto* scales = std::is_same_v<A, double> ? reinterpret_cast<A*>(scratch + d.scales) : nullptr;
-  auto* counts = reinterpret_cast<unsigned*>(scratch + d.counts);
   auto* starts = reinterpret_cast<unsigned*>(scratch + d.starts);
   auto* keys_in = reinterpret_cast<unsigned*>(scratch + d.keys_in);
   auto* keys_out = reinterpret_cast<unsigned*>(scratch + d.keys_out);
@@ -285,20 +304,20 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   auto* entries_out = reinterpret_cast<unsigned long long*>(scratch + d.entries_out);
   const int64_t destinations = Destinations(s);
   const int contributions = static_cast<int>(Contributions(s));
-  cudaError_t err = cudaMemsetAsync(counts, 0, (destinations + 1) * sizeof(unsigned), stream);
-  if (err != cudaSuccess) return err;
   const int64_t grid = std::min<int64_t>((contributions / 4 + kThreads - 1) / kThreads, 1 << 20);
-  ContributionKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, counts, keys_in, entries_in,
-                                                       scales);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  size_t sort_bytes = d.sort_bytes, scan_bytes = d.scan_bytes;
+  ContributionKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, keys_in, entries_in, scales);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  size_t sort_bytes = d.sort_bytes;
   err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out,
                                         entries_in, entries_out, contributions, 0, KeyBits(s),
                                         stream);
   if (err != cudaSuccess) return err;
-  err = cub::DeviceScan::ExclusiveSum(scratch + d.scan_temp, scan_bytes, counts, starts,
-                                      destinations + 1, stream);
-  if (err != cudaSuccess) return err;
+  SegmentStartsKernel<<<static_cast<unsigned>((destinations + 1 + kThreads - 1) / kThreads), kThreads,
+                        0, stream>>>(keys_out, static_cast<unsigned>(contributions),
+                                     static_cast<unsigned>(destinations),
+                                     static_cast<unsigned>(s.taps()), starts);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
   if (s.multiplier == 1 && s.channels_per_group() % kVec == 0) {
     LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, entries_out, scales, grad_x);
