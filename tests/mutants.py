@@ -190,6 +190,13 @@ MUTANTS = [
            "for (int r = 0; r < kSumRows; ++r) total += rows[r][threadIdx.x];",
            "for (int r = 0; r < kSumRows - 1; ++r) total += rows[r][threadIdx.x];",
            ("tests/test_api.py", "tests/test_determinism.py", "-m", "gpu"), cuda=True),
+    Mutant("CUDA: segment starts take an upper bound (a destination's tap 0 goes to the one before)",
+           "lib/cuda_grad_x_gather.cu", "if (keys[mid] < want) {", "if (keys[mid] <= want) {",
+           ("tests/test_api.py", "-m", "gpu", "-k", "gradients_match"), cuda=True),
+    Mutant("CUDA: sample kernel's later vectors of a lane read its first one's channels",
+           "lib/cuda_backward.cu", "const int vec = (slice * R + q) * L + lane;",
+           "const int vec = (slice * R) * L + lane;",
+           ("tests/test_api.py", "-m", "gpu", "-k", "gradients_match"), cuda=True),
 ]
 
 
