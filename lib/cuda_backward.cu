@@ -202,8 +202,9 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 //     over the block's warps in a fixed order at the end into per-block
 //     partial sums (then SumTilesKernel).
 // No shared-memory atomics, no block barrier inside the pixel loop, every sum
-// in a fixed order. Slices of one group (more than L * V channels) write
+// in a fixed order. Slices of one group (more than L * R * V channels) write
 // partial grad_offset/grad_mask that SumSlicesKernel adds in slice order.
+//
 // Warps a block, and blocks an SM the registers must allow: with three
 // vectors a lane the grad_weight slots (SampleSharedBytes) of two 8-warp
 // blocks would overflow an SM's shared memory, so 5-warp blocks, 3 an SM.
