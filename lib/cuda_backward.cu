@@ -301,7 +301,8 @@ inline bool SampleShapeBuilt(int lanes, int rounds) {
 // channel vectors: the fewest slices (each slice redoes the pixel's
 // geometry, offset loads and reductions), then the fewest lane slots
 // (slices * L * R: idle lanes cost as much as busy ones), then the most lanes.
-inline void FitSampleLanes(int64_t vectors, int min_lanes, int& lanes, int& rounds) {
+// Returns the lane slots of the fit.
+inline int64_t FitSampleLanes(int64_t vectors, int min_lanes, int& lanes, int& rounds) {
   int64_t best_slices = -1, best_slots = 0;
   lanes = 32, rounds = 1;
   for (const auto& lr : kSampleShapes) {
@@ -312,9 +313,10 @@ inline void FitSampleLanes(int64_t vectors, int min_lanes, int& lanes, int& roun
       best_slices = slices, best_slots = slots, lanes = lr[0], rounds = lr[1];
     }
   }
+  return best_slots;
 }
 
-// Measured on an H200 (benchmarks/RESULTS.md, "Lanes and vectors a lane"):
+// Measured on an H200 (benchmarks/RESULTS.md, "What changed at 1a3b4c3"):
 // two vectors a lane pay where both rounds are full (512 channels: 2 slices
 // of 32 x 2 instead of 4 of 32, 5-8% faster); a fitted plan of 16 lanes or
 // more pays where the default leaves over 40% of the lanes idle (144
@@ -332,9 +334,7 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
     FitSampleLanes(vectors, 8, p.lanes, p.rounds);
   } else if (10 * vectors < 6 * default_slots) {
     int lanes, rounds;
-    FitSampleLanes(vectors, 16, lanes, rounds);
-    const int64_t per = lanes * rounds;
-    if ((vectors + per - 1) / per * per < default_slots) p.lanes = lanes, p.rounds = rounds;
+    if (FitSampleLanes(vectors, 16, lanes, rounds) < default_slots) p.lanes = lanes, p.rounds = rounds;
   }
   // Tuning runs: forced lanes (e.g. 144 channels: 36 vectors on 8 lanes
   // rather than 2 x 32) and vectors a lane (fewer slices, so the per-pixel

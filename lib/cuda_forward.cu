@@ -210,7 +210,7 @@ ForwardFn<T> PickForward(const ConvShape& s, const Plan& p, bool narrow) {
 // Lanes a pixel for `vectors` channel vectors, from the plan's `lanes`: where
 // those leave over 40% of the lane slots idle, half or a quarter of them (8 at
 // least), whichever leaves the fewest idle. Measured on an H200
-// (benchmarks/RESULTS.md, "Lanes and vectors a lane"): 144 channels, 7x7 and
+// (benchmarks/RESULTS.md, "What changed at 1a3b4c3"): 144 channels, 7x7 and
 // 5x5 layers, 8 lanes instead of 32 (float32) or 16 (bfloat16) are 21-24%
 // faster; at 75% use or more fewer lanes were slower or equal (float32 192
 // and 384 channels) or faster (bfloat16 192: 17%), so the rule stays where
