@@ -13,7 +13,7 @@
 #    e.g. ... run ab_out 2 --shape 16,64,64,512 --mode fwd+bwd --only jax_deform --no-torch
 #    Builds every .ab/*.tar (JAX_DEFORM_CUDA_ARCHITECTURES, default 90; CPU-only
 #    where there is no nvcc or JAX_DEFORM_CUDA=OFF), then runs `python -m jax_deform.bench ARGS` with
-#    each, ROUNDS times, into OUT_DIR/NAME_ROUND.json, and prints one line per
+#    each in the order packed (the first is the baseline), ROUNDS times, into OUT_DIR/NAME_ROUND.json, and prints one line per
 #    case and revision: the wall-clock and profiler kernel medians of each
 #    round and the largest kernels (benchmarks/ab_summary.py).
 set -euo pipefail
@@ -27,15 +27,15 @@ case "$mode" in
       name=${spec%%=*}; rev=${spec#*=}
       [[ $name =~ ^[A-Za-z0-9_-]+$ ]] || { echo "bad name: $name" >&2; exit 2; }
       git archive --format=tar -o ".ab/$name.tar" "$rev"
+      echo "$name" >> .ab/order  # the run's order: the first is the baseline
       echo ".ab/$name.tar: $(git rev-parse --short "$rev") $(git log -1 --format=%s "$rev" | cut -c1-70)"
     done
     ;;
   run)
     out=${1:?usage: $0 run OUT_DIR ROUNDS [bench args...]}; rounds=${2:?rounds}; shift 2
     mkdir -p "$out"
-    shopt -s nullglob
-    tars=(.ab/*.tar)
-    [ ${#tars[@]} -gt 0 ] || { echo "no .ab/*.tar: run '$0 pack' first" >&2; exit 2; }
+    [ -f .ab/order ] || { echo "no .ab/order: run '$0 pack' first" >&2; exit 2; }
+    tars=(); while read -r name; do tars+=(".ab/$name.tar"); done < .ab/order
     export PYTHONUNBUFFERED=1
     if command -v nvcc > /dev/null; then cuda=ON; else cuda=OFF; fi
     cuda=${JAX_DEFORM_CUDA:-$cuda}
@@ -44,12 +44,13 @@ case "$mode" in
     names=()
     for tar in "${tars[@]}"; do
       name=$(basename "$tar" .tar); names+=("$name")
-      src=$(mktemp -d)/src; mkdir -p "$src"; tar xf "$tar" -C "$src"
-      rm -rf "$out/pkg_$name"
+      rm -f "$out/${name}"_[0-9]*.json "$out/${name}"_[0-9]*.md  # an earlier run's
+      src=$out/src_$name; rm -rf "$src" "$out/pkg_$name"; mkdir -p "$src"; tar xf "$tar" -C "$src"
       # Built side by side, each with its share of the cores.
       ( JAX_DEFORM_CUDA=$cuda JAX_DEFORM_CUDA_ARCHITECTURES=$archs CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
           python3 -m pip install -q --no-build-isolation --no-deps --target "$out/pkg_$name" "$src" \
-          > "$out/build_$name.log" 2>&1 && echo "built $name" ) || { tail -30 "$out/build_$name.log"; exit 1; } &
+          > "$out/build_$name.log" 2>&1 && rm -rf "$src" && echo "built $name" ) \
+        || { tail -30 "$out/build_$name.log"; exit 1; } &
     done
     wait
     for tar in "${tars[@]}"; do
