@@ -116,6 +116,22 @@ def test_extreme_offsets_backward(rng, device, value):
     _assert_same_nonfinite_and_close(g_off, want_off, "offset")
 
 
+@pytest.mark.parametrize("stride,padding", [
+    ((2**32, 1), ((2**32, 0), (1, 1))),  # row 0 samples at -2**32: 0 in 32-bit arithmetic
+    ((2**30, 1), ((0, 2**32), (1, 1))),  # row 4 samples at 2**32: 0 in 32-bit arithmetic
+    ((1, 2**31), ((1, 1), (2**31, 2**31))),  # column 2 samples at 2**31: -2**31 in 32 bits
+])
+def test_positions_beyond_32_bits(rng, device, stride, padding):
+    # Absurd strides and paddings put sample positions beyond 32-bit integers;
+    # only zero padding is sampled there, whatever the kernel's arithmetic.
+    p = make_problem(rng, n=2, h=3, w=5, c=8, stride=stride, padding=padding)
+    args = p.args(np.float32, device)
+    assert rel_err(_ffi(*args, **p.kwargs()), p.expected()) < 1e-5
+    cot = rng.standard_normal(p.expected().shape)
+    for name, (got, want) in _all_grads(p, args, cot).items():
+        _assert_same_nonfinite_and_close(got, want, name)
+
+
 def _poisoned_taps(p):
     """(N, Ho, Wo, G, K): taps whose own mask value, or whose weight for some
     output channel of the group, is not finite."""
