@@ -59,6 +59,8 @@ CASES = [
     dict(padding="SAME", stride=2, kernel=(3, 4), h=8, w=6),  # totals 1 and 2
     dict(padding="SAME", kernel=(2, 4), dilation=(1, 2), groups=2),  # totals 1 and 6
     dict(padding="SAME", kernel=(4, 2), h=5, w=4, multiplier=2),  # totals 3 and 1
+    # 32 channels: the CUDA forward's 8-lane pixels, several pixels a thread.
+    dict(c=32),
 ]
 
 
@@ -88,13 +90,17 @@ def test_nchw_matches_nhwc(rng, device):
     assert rel_err(jnp.transpose(y, (0, 2, 3, 1)), p.expected()) < 1e-5
 
 
+@pytest.mark.parametrize("case", [
+    dict(c=8, groups=2, multiplier=2),  # the CUDA kernels' scalar paths
+    dict(c=64, groups=2),  # their vector loads (8 bfloat16 a load) and the sample kernel
+], ids=["scalar", "vector"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_is_the_float32_result_rounded(rng, device, dtype):
+def test_half_precision_is_the_float32_result_rounded(rng, device, dtype, case):
     # Inputs exactly representable in dtype: the kernel reads them, computes in
     # float32 and rounds once to nearest even. So its output is the float32
     # kernel's on the same values, rounded (not truncated), element by element,
     # and within the unit roundoff of the float64 oracle (plus float32 error).
-    p = make_problem(rng, c=8, groups=2, multiplier=2)
+    p = make_problem(rng, **case)
     p.round_to(dtype)
     y = run_forward(p, device, dtype)
     y32 = run_forward(p, device, np.float32)
@@ -170,6 +176,8 @@ GRAD_CASES = [
     dict(c=32, groups=2, kernel=(5, 5), padding=2, with_mask=False),
     dict(n=1, h=6, w=7, c=128, groups=2, kernel=(5, 5), padding=2),
     dict(n=1, h=5, w=6, c=512, groups=2, stride=2, with_mask=False),
+    # Two vectors a lane (C = 512) with taps in chunks (5x5).
+    dict(n=1, h=5, w=5, c=512, kernel=(5, 5), padding=2),
     # Three vectors a lane (the fitted plan): 16 lanes x 3 for 144 channels,
     # the third round a quarter full.
     dict(n=1, h=6, w=5, c=144, kernel=(5, 5), padding=2),

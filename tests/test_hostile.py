@@ -119,7 +119,7 @@ def test_extreme_offsets_backward(rng, device, value):
 @pytest.mark.parametrize("stride,padding", [
     ((2**32, 1), ((2**32, 0), (1, 1))),  # row 0 samples at -2**32: 0 in 32-bit arithmetic
     ((2**30, 1), ((0, 2**32), (1, 1))),  # row 4 samples at 2**32: 0 in 32-bit arithmetic
-    ((1, 2**31), ((1, 1), (2**31, 2**31))),  # column 2 samples at 2**31: -2**31 in 32 bits
+    ((1, 2**32), ((1, 1), (2**32, 0))),  # column 0 samples at -2**32: 0 in 32-bit arithmetic
 ])
 def test_positions_beyond_32_bits(rng, device, stride, padding):
     # Absurd strides and paddings put sample positions beyond 32-bit integers;
