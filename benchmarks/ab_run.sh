@@ -11,7 +11,7 @@
 # 2. Where the GPU is (the checkout there needs no .git; .ab/ travels with it):
 #      bash benchmarks/ab_run.sh run OUT_DIR ROUNDS [bench args...]
 #    e.g. ... run ab_out 2 --shape 16,64,64,512 --mode fwd+bwd --only jax_deform --no-torch
-#    Builds every .ab/*.tar (JAX_DEFORM_CUDA_ARCHITECTURES, default 90; CPU-only
+#    Builds every packed revision (JAX_DEFORM_CUDA_ARCHITECTURES, default 90; CPU-only
 #    where there is no nvcc or JAX_DEFORM_CUDA=OFF), then runs `python -m jax_deform.bench ARGS` with
 #    each in the order packed (the first is the baseline), ROUNDS times, into OUT_DIR/NAME_ROUND.json, and prints one line per
 #    case and revision: the wall-clock and profiler kernel medians of each
@@ -35,17 +35,15 @@ case "$mode" in
     out=${1:?usage: $0 run OUT_DIR ROUNDS [bench args...]}; rounds=${2:?rounds}; shift 2
     mkdir -p "$out"
     [ -f .ab/order ] || { echo "no .ab/order: run '$0 pack' first" >&2; exit 2; }
-    tars=(); while read -r name; do tars+=(".ab/$name.tar"); done < .ab/order
+    names=(); while read -r name; do names+=("$name"); done < .ab/order
     export PYTHONUNBUFFERED=1
     if command -v nvcc > /dev/null; then cuda=ON; else cuda=OFF; fi
     cuda=${JAX_DEFORM_CUDA:-$cuda}
     archs=${JAX_DEFORM_CUDA_ARCHITECTURES:-90}
-    jobs=$(( $(nproc) / ${#tars[@]} )); [ "$jobs" -ge 1 ] || jobs=1
-    names=()
-    for tar in "${tars[@]}"; do
-      name=$(basename "$tar" .tar); names+=("$name")
+    jobs=$(( $(nproc) / ${#names[@]} )); [ "$jobs" -ge 1 ] || jobs=1
+    for name in "${names[@]}"; do
       rm -f "$out/${name}"_[0-9]*.json "$out/${name}"_[0-9]*.md  # an earlier run's
-      src=$out/src_$name; rm -rf "$src" "$out/pkg_$name"; mkdir -p "$src"; tar xf "$tar" -C "$src"
+      src=$out/src_$name; rm -rf "$src" "$out/pkg_$name"; mkdir -p "$src"; tar xf ".ab/$name.tar" -C "$src"
       # Built side by side, each with its share of the cores.
       ( JAX_DEFORM_CUDA=$cuda JAX_DEFORM_CUDA_ARCHITECTURES=$archs CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
           python3 -m pip install -q --no-build-isolation --no-deps --target "$out/pkg_$name" "$src" \
@@ -53,8 +51,7 @@ case "$mode" in
         || { tail -30 "$out/build_$name.log"; exit 1; } &
     done
     wait
-    for tar in "${tars[@]}"; do
-      name=$(basename "$tar" .tar)
+    for name in "${names[@]}"; do
       [ -f "$out/pkg_$name/jax_deform/__init__.py" ] || { echo "build of $name failed" >&2; exit 1; }
     done
     for round in $(seq "$rounds"); do
