@@ -6,12 +6,14 @@
 # forward and the sample kernel, for channel counts that leave lanes idle:
 # the model layers' 96 and 144 channels), rounds (two channel vectors a lane
 # in the sample kernel), fit (the sample kernel's lanes and vectors a lane
-# fitted to the group, with the forward's lanes, at the model layers). Variants are picked with
+# fitted to the group, with the forward's lanes, at the model layers), scatter
+# (the gather path's sample kernel with or without the atomics compiled in).
+# Variants are picked with
 # JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
-sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit}
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter}
 want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
@@ -78,6 +80,12 @@ if want fit; then
       --kernel 7 --dtype float32 --dtype bfloat16 --only jax_deform --mode fwd+bwd
     bench "fit5_${v:-default}" "$v" --shape 32,56,56,144 --kernel 5 --dtype float32 --dtype bfloat16 \
       --only jax_deform --mode fwd+bwd
+  done
+fi
+if want scatter; then
+  for v in "" sample_no_scatter=0; do
+    bench "scatter_${v:-default}" "$v" --shape 16,64,64,512 --shape 16,32,32,512 --shape 8,128,128,128 \
+      --dtype float32 --dtype bfloat16 "${bwd[@]}"
   done
 fi
 python3 - "$out" <<'PY'

@@ -369,7 +369,10 @@ inline size_t SampleSharedBytes(const SamplePlan& p) {
 // Two 8-warp blocks per SM (measured on an H200: faster than three with
 // spills), or three 5-warp blocks with three vectors a lane.
 // R: channel vectors per lane (vector q of lane l is slice * L * R + q * L + l).
-template <typename T, int L, int R>
+// kMayScatter: false builds the variant for the gather path, without the
+// grad_x atomics (a quarter of the loop's code: 2853 instructions against
+// 3841 at 32 x 2, so less for the instruction cache to hold).
+template <typename T, int L, int R, bool kMayScatter = true>
 __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
     BackwardSampleKernel(ConvShape s, SamplePlan plan, bool scatter, const T* __restrict__ x,
                          const T* __restrict__ offset, const T* __restrict__ mask,
@@ -496,7 +499,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
               gw[v] += (val * mask_t) * gy[q][v];
             }
             StoreVec<A, V>(my_sums, gw);
-            if (scatter) {
+            if (kMayScatter && scatter) {
 #pragma unroll
               for (int i = 0; i < 4; ++i) {
                 if (tap.start[i] < 0) continue;
@@ -661,9 +664,17 @@ SampleFn<T> SampleKernelAt(int lanes, int rounds, std::integer_sequence<int, I..
   return fn;
 }
 
-// The kernel built for (lanes, vectors a lane); every plan's pair is one of kSampleShapes.
+// The kernel built for (lanes, vectors a lane); every plan's pair is one of
+// kSampleShapes. With grad_x by the gather and 32 lanes (every group of 256
+// channels or more, the gather's default) the variant without atomics,
+// unless a tuning run asks for the other (sample_no_scatter=0).
 template <typename T>
-SampleFn<T> SampleKernelFor(int lanes, int rounds) {
+SampleFn<T> SampleKernelFor(int lanes, int rounds, bool gather) {
+  if (gather && lanes == 32 && GetTuning().sample_no_scatter != 0) {
+    if (rounds == 1) return BackwardSampleKernel<T, 32, 1, false>;
+    if (rounds == 2) return BackwardSampleKernel<T, 32, 2, false>;
+    if (rounds == 3) return BackwardSampleKernel<T, 32, 3, false>;
+  }
   constexpr int kCount = sizeof(kSampleShapes) / sizeof(kSampleShapes[0]);
   return SampleKernelAt<T>(lanes, rounds, std::make_integer_sequence<int, kCount>{});
 }
@@ -676,7 +687,7 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
   const SamplePlan p = MakeSamplePlan(s);
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
-  const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds);
+  const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds, gather);
   const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
                   static_cast<unsigned>(p.chunks));
   const size_t smem = SampleSharedBytes<float>(p);

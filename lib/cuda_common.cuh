@@ -274,6 +274,7 @@ struct Tuning {
   int sample_lanes = 0;                  // sample kernel lanes a pixel (8, 16, 32); 0: default
   int sample_rounds = 0;                 // sample kernel vectors a lane (1-3); 0: default
   int sample_fit = 0;                    // 1: sample kernel lanes and vectors fitted to the group
+  int sample_no_scatter = -1;            // 0: the gather path runs the variant with atomics compiled in
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
@@ -296,6 +297,7 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("sample_lanes=")) t.sample_lanes = FloorPow2(std::max(1, std::atoi(v)));
   if (const char* v = value("sample_rounds=")) t.sample_rounds = std::atoi(v);
   if (const char* v = value("sample_fit=")) t.sample_fit = std::atoi(v);
+  if (const char* v = value("sample_no_scatter=")) t.sample_no_scatter = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;
