@@ -241,6 +241,7 @@ struct SamplePlan {
   int warps;       // warps per block (fewer with 3 vectors a lane: shared memory)
   int slices;      // channel slices of L * R * V channels per offset group
   int chunks;      // tap chunks of up to kSampleTaps taps
+  int mask_row;    // G * taps: a pixel's row of mask (of offset: twice that)
   int64_t pixels_per_block, blocks_x;
 };
 
@@ -260,22 +261,67 @@ struct alignas(16) SampleTapOf {
   A ly, lx, mask, poison;
 };
 
-template <typename T, typename A>
-__device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, int64_t pixel, int64_t k,
-                                                        const TapOperands<A>& in) {
-  const TapGeometryOf<A> t = GeometryOf(s, pixel, k, in);
-  SampleTapOf<A> tap;
-  const int64_t image_start = DecodePixel(s, pixel).image * (s.h * s.w);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    tap.start[i] = (t.valid >> i) & 1u
-                       ? static_cast<int32_t>((image_start + t.corner[i]) * s.c * int64_t{sizeof(T)})
-                       : -1;
+// What a lane keeps of its tap across pixels: where the tap sits relative
+// to the output pixel's input position, and where its offsets and mask sit
+// in a pixel's row of those tensors. Made once per block, so the pixel loop
+// divides nothing (the tap's row and column, and the pixel's image, row and
+// column, cost four integer divisions a pixel before).
+struct SampleTapConst {
+  int dy, dx;  // tap row * dilation - padding, likewise the column
+  int offset;  // index of its (dy, dx) in a pixel's row of offsets; half that in mask's row
+};
+
+__device__ __forceinline__ SampleTapConst MakeSampleTapConst(const ConvShape& s, int64_t g, int k) {
+  const int kw = static_cast<int>(s.kw), ky = k / kw, kx = k - ky * kw;
+  return {static_cast<int>(ky * s.dil_h - s.pad_h), static_cast<int>(kx * s.dil_w - s.pad_w),
+          static_cast<int>((g * s.taps() + k) * 2)};
+}
+
+// The output pixel a sub-warp is at: its image and position, moved along by
+// additions as the sub-warp steps through its pixels.
+struct PixelCursor {
+  int image, oy, ox;
+  __device__ __forceinline__ void Advance(int step, int ho, int wo) {
+    ox += step;
+    while (ox >= wo) {
+      ox -= wo;
+      if (++oy == ho) oy = 0, ++image;
+    }
   }
-  tap.ly = t.ly;
-  tap.lx = t.lx;
-  tap.mask = t.mask;
-  tap.poison = t.poison;
+};
+
+// The tap record of (pixel at `at`, tap `tc`) from its offsets and mask, in
+// 32-bit arithmetic (SampleKernelFits: x is under 2 GiB). The same rule as
+// MakeBilinear (deform_math.h): the sample counts only where -1 < y < H and
+// -1 < x < W, comparisons that fail for NaN and +-inf before any conversion;
+// a corner outside the image gets start -1.
+template <typename T, typename A>
+__device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, const PixelCursor& at,
+                                                        const SampleTapConst& tc,
+                                                        const TapOperands<A>& in) {
+  const int h = static_cast<int>(s.h), w = static_cast<int>(s.w);
+  const int pixel_bytes = static_cast<int>(s.c * int64_t{sizeof(T)});
+  const A py = static_cast<A>(at.oy * static_cast<int>(s.stride_h) + tc.dy) + in.dy;
+  const A px = static_cast<A>(at.ox * static_cast<int>(s.stride_w) + tc.dx) + in.dx;
+  SampleTapOf<A> tap;
+  tap.poison = (py != py || px != px) ? std::numeric_limits<A>::quiet_NaN() : A(0);
+  tap.mask = in.mask;
+  tap.ly = tap.lx = A(0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) tap.start[i] = -1;
+  if (py > A(-1) && py < static_cast<A>(h) && px > A(-1) && px < static_cast<A>(w)) {
+    const A fy = FloorOf(py), fx = FloorOf(px);
+    const int y0 = static_cast<int>(fy), x0 = static_cast<int>(fx);
+    tap.ly = py - fy;
+    tap.lx = px - fx;
+    const bool y0_in = y0 >= 0, y1_in = y0 + 1 < h, x0_in = x0 >= 0, x1_in = x0 + 1 < w;
+    // Negative (one row or column before the image) only where a corner is out.
+    const int base = (at.image * h * w + y0 * w + x0) * pixel_bytes;
+    if (y0_in && x0_in) tap.start[0] = base;
+    if (y0_in && x1_in) tap.start[1] = base + pixel_bytes;
+    if (y1_in && x0_in) tap.start[2] = base + w * pixel_bytes;
+    if (y1_in && x1_in) tap.start[3] = base + (w + 1) * pixel_bytes;
+  }
   return tap;
 }
 
@@ -347,6 +393,7 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   p.warps = SampleWarps(p.rounds);
   p.slices = static_cast<int>((vectors + p.lanes * p.rounds - 1) / (p.lanes * p.rounds));
   p.chunks = static_cast<int>((s.taps() + kSampleTaps - 1) / kSampleTaps);
+  p.mask_row = static_cast<int>(s.mask_channels());
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t step = p.warps * (32 / p.lanes);  // pixels a block visits at once
   // About eight blocks per SM over the whole grid, but at least 4 steps a
@@ -396,15 +443,17 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t g = blockIdx.y / plan.slices;
   const int slice = blockIdx.y % plan.slices;
+  // The lane's vector q is channels c0 + q * L * V ...: one base address a
+  // tensor, and each vector's at a fixed distance from it (an immediate
+  // offset in the loads). Vectors past the group's channels are never read.
   bool active[R];
-  int64_t c[R];
 #pragma unroll
-  for (int q = 0; q < R; ++q) {
-    const int vec = (slice * R + q) * L + lane;
-    active[q] = vec < cg / V;
-    c[q] = g * cg + static_cast<int64_t>(active[q] ? vec : 0) * V;
-  }
+  for (int q = 0; q < R; ++q) active[q] = (slice * R + q) * L + lane < cg / V;
+  const int64_t c0 = g * cg + static_cast<int64_t>(slice * R * L + lane) * V;
+  constexpr int kVecStride = L * V;  // channels between a lane's vectors
+  const char* x_lane = reinterpret_cast<const char*>(x + c0);
   const int k0 = blockIdx.z * KC;
+  const T* weight_lane = weight + k0 * cm + c0;
   const int kc = static_cast<int>(min(static_cast<int64_t>(KC), taps - k0));
   const int64_t p_begin = blockIdx.x * plan.pixels_per_block;
   const int64_t p_end = min(pixels, p_begin + plan.pixels_per_block);
@@ -414,28 +463,46 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
 #pragma unroll
     for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
   }
-  // Lane l of a sub-warp loads the offsets and mask of taps l, l + L, ... one
-  // pixel ahead, so their latency hides behind the current pixel's samples.
+  // Lane l of a sub-warp makes the records of taps l, l + L, ... and loads
+  // their offsets and mask one pixel ahead, so their latency hides behind the
+  // current pixel's samples.
   constexpr int kAhead = (KC + L - 1) / L;
-  const int64_t step = plan.warps * kSub;  // pixels the block visits at once
+  const int step = plan.warps * kSub;  // pixels the block visits at once
+  SampleTapConst tap_const[kAhead];
+#pragma unroll
+  for (int r = 0; r < kAhead; ++r) {
+    const int t = lane + r * L;
+    tap_const[r] = MakeSampleTapConst(s, g, k0 + (t < kc ? t : 0));
+  }
   TapOperands<A> ahead[kAhead];
   auto load_ahead = [&](int64_t pixel) {
 #pragma unroll
     for (int r = 0; r < kAhead; ++r) {
       const int t = lane + r * L;
-      if (pixel < p_end && t < kc) ahead[r] = LoadTapOperands(s, offset, mask, pixel, g, k0 + t);
+      if (pixel < p_end && t < kc) {
+        // A pixel's rows: 2 G taps offsets, G taps masks (plan.mask_row).
+        const int64_t at_mask = pixel * plan.mask_row + (tap_const[r].offset >> 1);
+        ahead[r] = {ToF(offset[2 * at_mask]), ToF(offset[2 * at_mask + 1]),
+                    mask ? ToF(mask[at_mask]) : A(1)};
+      }
     }
   };
   load_ahead(p_begin + warp * kSub + sub);
+  PixelCursor at;
+  {
+    const PixelAt first = DecodePixel(s, p_begin + warp * kSub + sub);
+    at = {static_cast<int>(first.image), static_cast<int>(first.oy), static_cast<int>(first.ox)};
+  }
   // Warp-uniform trip count: every lane reaches the shuffles.
-  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += step) {
+  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end;
+       p0 += step, at.Advance(step, static_cast<int>(s.ho), static_cast<int>(s.wo))) {
     const int64_t pixel = p0 + sub;
     const bool pixel_valid = pixel < p_end;
     __syncwarp();
 #pragma unroll
     for (int r = 0; r < kAhead; ++r) {
       const int t = lane + r * L;
-      if (pixel_valid && t < kc) geo[t] = MakeSampleTap<T>(s, pixel, k0 + t, ahead[r]);
+      if (pixel_valid && t < kc) geo[t] = MakeSampleTap<T>(s, at, tap_const[r], ahead[r]);
     }
     __syncwarp();
     load_ahead(pixel + step);
@@ -446,10 +513,16 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
       A gy[R][V];
 #pragma unroll
       for (int q = 0; q < R; ++q) {
-        if (active[q]) LoadVec<T, V>(grad_y + pixel * cm + c[q], gy[q]);
+        if (active[q]) LoadVec<T, V>(grad_y + pixel * cm + c0 + q * kVecStride, gy[q]);
       }
+      // The lane's weights of tap k0, walked along the taps by one add a tap.
+      // The empty asm hides that it is the same address every pixel: else
+      // the compiler keeps all KC * R weight addresses live across the pixel
+      // loop, and with two vectors a lane they spilled.
+      const T* weight_tap = weight_lane;
+      asm volatile("" : "+l"(weight_tap));
 #pragma unroll
-      for (int t = 0; t < KC; ++t) {
+      for (int t = 0; t < KC; ++t, weight_tap += cm) {
         if (t < kc) {
           const SampleTapOf<A>& tap = geo[t];
           // The sample value of each channel is formed as the reference
@@ -467,9 +540,9 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
 #pragma unroll
           for (int q = 0; q < R; ++q) {
             if (!active[q]) continue;  // a lane past the group's channels adds nothing
-            const char* xc = reinterpret_cast<const char*>(x + c[q]);
+            const char* xc = x_lane + q * kVecStride * int{sizeof(T)};
             A wv[V], gcol[V];
-            LoadVec<T, V>(weight + (k0 + t) * cm + c[q], wv);
+            LoadVec<T, V>(weight_tap + q * kVecStride, wv);
 #pragma unroll
             for (int v = 0; v < V; ++v) gcol[v] = gy[q][v] * wv[v];
             // All four corners are loaded before any is used, so their loads
@@ -506,7 +579,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
                 A contrib[V];
 #pragma unroll
                 for (int v = 0; v < V; ++v) contrib[v] = mask_t * wgt[i] * gcol[v];
-                AtomicAddVec<V>(grad_x + c[q] + tap.start[i] / int64_t{sizeof(T)}, contrib);
+                AtomicAddVec<V>(grad_x + c0 + q * kVecStride + static_cast<unsigned>(tap.start[i]) / sizeof(T), contrib);
               }
             }
           }
