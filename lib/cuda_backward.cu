@@ -290,38 +290,20 @@ struct PixelCursor {
   }
 };
 
-// The tap record of (pixel at `at`, tap `tc`) from its offsets and mask, in
-// 32-bit arithmetic (SampleKernelFits: x is under 2 GiB). The same rule as
-// MakeBilinear (deform_math.h): the sample counts only where -1 < y < H and
-// -1 < x < W, comparisons that fail for NaN and +-inf before any conversion;
-// a corner outside the image gets start -1.
+// The tap record of (pixel at `at`, tap `tc`) from its offsets and mask
+// (SampleKernelFits: x is under 2 GiB, so 32-bit byte offsets).
 template <typename T, typename A>
 __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, const PixelCursor& at,
                                                         const SampleTapConst& tc,
                                                         const TapOperands<A>& in) {
-  const int h = static_cast<int>(s.h), w = static_cast<int>(s.w);
-  const int pixel_bytes = static_cast<int>(s.c * int64_t{sizeof(T)});
-  const A py = static_cast<A>(at.oy * static_cast<int>(s.stride_h) + tc.dy) + in.dy;
-  const A px = static_cast<A>(at.ox * static_cast<int>(s.stride_w) + tc.dx) + in.dx;
+  const TapSampleOf<A, int32_t> t = SampleAt<T, int32_t>(s, at.image, at.oy, at.ox, tc.dy, tc.dx, in.dy, in.dx);
   SampleTapOf<A> tap;
-  tap.poison = (py != py || px != px) ? std::numeric_limits<A>::quiet_NaN() : A(0);
-  tap.mask = in.mask;
-  tap.ly = tap.lx = A(0);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) tap.start[i] = -1;
-  if (py > A(-1) && py < static_cast<A>(h) && px > A(-1) && px < static_cast<A>(w)) {
-    const A fy = FloorOf(py), fx = FloorOf(px);
-    const int y0 = static_cast<int>(fy), x0 = static_cast<int>(fx);
-    tap.ly = py - fy;
-    tap.lx = px - fx;
-    const bool y0_in = y0 >= 0, y1_in = y0 + 1 < h, x0_in = x0 >= 0, x1_in = x0 + 1 < w;
-    // Negative (one row or column before the image) only where a corner is out.
-    const int base = (at.image * h * w + y0 * w + x0) * pixel_bytes;
-    if (y0_in && x0_in) tap.start[0] = base;
-    if (y0_in && x1_in) tap.start[1] = base + pixel_bytes;
-    if (y1_in && x0_in) tap.start[2] = base + w * pixel_bytes;
-    if (y1_in && x1_in) tap.start[3] = base + (w + 1) * pixel_bytes;
-  }
+  for (int i = 0; i < 4; ++i) tap.start[i] = t.start[i];
+  tap.ly = t.ly;
+  tap.lx = t.lx;
+  tap.mask = in.mask;
+  tap.poison = t.poison;
   return tap;
 }
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "cuda_kernels.h"
@@ -137,6 +138,50 @@ __device__ __forceinline__ PixelAt DecodePixel(const ConvShape& s, int64_t pixel
     return {row / ho, row % ho, p - row * wo};
   }
   return {pixel / (s.ho * s.wo), (pixel / s.wo) % s.ho, pixel % s.wo};
+}
+
+// Where tap (tap_y, tap_x) of output pixel (image, oy, ox) samples x, given
+// its offsets (dy, dx); tap_y is the tap's row * dilation - padding, tap_x
+// likewise. Each corner's byte offset in x (image included; -1 where it lies
+// outside the image), the fractional position and the poison (NaN for a NaN
+// position, else 0). The rule of MakeBilinear (deform_math.h): the sample
+// counts only where -1 < y < H and -1 < x < W, comparisons that fail for NaN
+// and +-inf before any conversion. Integer arithmetic in Off: int32_t where
+// x is under 2 GiB, with no division (the kernels find the pixel and the
+// tap's (tap_y, tap_x) by additions or tables, where DecodePixel and the
+// tap's row and column cost four divisions a sample).
+template <typename A, typename Off>
+struct TapSampleOf {
+  Off start[4];
+  A ly, lx, poison;
+};
+
+template <typename T, typename Off, typename A>
+__device__ __forceinline__ TapSampleOf<A, Off> SampleAt(const ConvShape& s, int image, int oy, int ox,
+                                                        int tap_y, int tap_x, A dy, A dx) {
+  const int h = static_cast<int>(s.h), w = static_cast<int>(s.w);
+  const A py = static_cast<A>(oy * static_cast<int>(s.stride_h) + tap_y) + dy;
+  const A px = static_cast<A>(ox * static_cast<int>(s.stride_w) + tap_x) + dx;
+  TapSampleOf<A, Off> t;
+  t.poison = (py != py || px != px) ? std::numeric_limits<A>::quiet_NaN() : A(0);
+  t.ly = t.lx = A(0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) t.start[i] = Off(-1);
+  if (py > A(-1) && py < static_cast<A>(h) && px > A(-1) && px < static_cast<A>(w)) {
+    const A fy = FloorOf(py), fx = FloorOf(px);
+    const int y0 = static_cast<int>(fy), x0 = static_cast<int>(fx);
+    t.ly = py - fy;
+    t.lx = px - fx;
+    const bool y0_in = y0 >= 0, y1_in = y0 + 1 < h, x0_in = x0 >= 0, x1_in = x0 + 1 < w;
+    const Off pixel_bytes = static_cast<Off>(s.c * int64_t{sizeof(T)});
+    // Negative (a row or column before the image) only where a corner is out.
+    const Off base = ((static_cast<Off>(image) * h + y0) * w + x0) * pixel_bytes;
+    if (y0_in && x0_in) t.start[0] = base;
+    if (y0_in && x1_in) t.start[1] = base + pixel_bytes;
+    if (y1_in && x0_in) t.start[2] = base + w * pixel_bytes;
+    if (y1_in && x1_in) t.start[3] = base + (w + 1) * pixel_bytes;
+  }
+  return t;
 }
 
 template <typename A>

@@ -34,29 +34,53 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
                                 const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
                                 ForwardTapOf<Accum<T>, Off>* taps_out) {
   using A = Accum<T>;
-  const int taps = static_cast<int>(s.taps());
-  const int64_t hw = s.h * s.w;
+  const int taps = static_cast<int>(s.taps()), kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw);
   for (int lp = threadIdx.x; lp < tg.pixels; lp += blockDim.x) {
     pixel_of[lp] = TilePixel(s, tg, blockIdx.x, lp);
   }
+  // The tile's image and first output row and column, the same for the
+  // whole block (TilePixel's numbering), and the tile width's bits (a power
+  // of two, WithTilePixels).
+  const unsigned tiles_x = static_cast<unsigned>(tg.tiles_x), tiles_y = static_cast<unsigned>(tg.tiles_y);
+  const unsigned tile_row = blockIdx.x / tiles_x;
+  const int image = static_cast<int>(tile_row / tiles_y);
+  const int oy0 = static_cast<int>(tile_row % tiles_y) * (tg.pixels / tg.width);
+  const int ox0 = static_cast<int>(blockIdx.x - tile_row * tiles_x) * tg.width;
+  const int width_bits = __ffs(tg.width) - 1;
+  // Entry e = (lp * kh + ky) * kw + kx. A thread takes e = threadIdx.x,
+  // + blockDim.x, ...: each step adds (lp, ky, kx) of blockDim.x, with
+  // carries, where dividing e by taps and the tap by kw per entry (and the
+  // pixel's decoding) took most of this loop's instructions.
+  int kx = threadIdx.x % kw, ky = (threadIdx.x / kw) % kh, lp = threadIdx.x / taps;
+  const int step_kx = blockDim.x % kw, step_ky = (blockDim.x / kw) % kh, step_lp = blockDim.x / taps;
+  const int64_t mask_row = s.mask_channels(), first_tap = g * taps;  // offsets: 2 a mask entry
   for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
-    const int64_t pixel = TilePixel(s, tg, blockIdx.x, e / taps);
-    if (pixel < 0) continue;
-    const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, e % taps);
-    A wgt[4];
-    CornerWeights(ToBilinear(t), wgt);
-    const int64_t image_start = DecodePixel(s, pixel).image * hw;
-    ForwardTapOf<A, Off> f;
+    const int oy = oy0 + (lp >> width_bits), ox = ox0 + (lp & (tg.width - 1));
+    if (oy < s.ho && ox < s.wo) {
+      const int64_t pixel = (static_cast<int64_t>(image) * s.ho + oy) * s.wo + ox;
+      const int64_t at = pixel * mask_row + first_tap + ky * kw + kx;  // MaskIndex; OffsetIndex is 2 at
+      const A m = mask ? ToF(mask[at]) : A(1);
+      const TapSampleOf<A, Off> t = SampleAt<T, Off>(
+          s, image, oy, ox, ky * static_cast<int>(s.dil_h) - static_cast<int>(s.pad_h),
+          kx * static_cast<int>(s.dil_w) - static_cast<int>(s.pad_w), ToF(offset[2 * at]),
+          ToF(offset[2 * at + 1]));
+      const A hy = A(1) - t.ly, hx = A(1) - t.lx;
+      ForwardTapOf<A, Off> f;
+      f.weight[0] = m * (hy * hx);
+      f.weight[1] = m * (hy * t.lx);
+      f.weight[2] = m * (t.ly * hx);
+      f.weight[3] = m * (t.ly * t.lx);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f.start[i] = (t.valid >> i) & 1u ? static_cast<Off>((image_start + t.corner[i]) * s.c * int64_t{sizeof(T)}) : Off(-1);
-      f.weight[i] = t.mask * wgt[i];
+      for (int i = 0; i < 4; ++i) f.start[i] = t.start[i];
+      if (t.poison != A(0) || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
+        f.start[0] = static_cast<Off>(image) * static_cast<Off>(s.h * s.w * s.c * int64_t{sizeof(T)});
+        f.weight[0] = t.poison;
+      }
+      taps_out[e] = f;
     }
-    if (t.poison != A(0) || t.poison != t.poison) {  // NaN position: read one pixel, times NaN
-      f.start[0] = static_cast<Off>(image_start * s.c * int64_t{sizeof(T)});
-      f.weight[0] = t.poison;
-    }
-    taps_out[e] = f;
+    kx += step_kx, ky += step_ky, lp += step_lp;
+    if (kx >= kw) kx -= kw, ++ky;
+    if (ky >= kh) ky -= kh, ++lp;
   }
 }
 
