@@ -286,7 +286,7 @@ def _backward_fallback(x, offset, mask, weight, grad_y, *, params, deterministic
 def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, deterministic,
                             partials):
     """The CUDA kernel also needs device workspace (per-tile grad_weight partial
-    sums; the deterministic path's contribution buckets). XLA allocates it as an
+    sums; the deterministic path's sorted samples). XLA allocates it as an
     extra result of the custom call, which is dropped here."""
     layout = layout_of(*(ctx.avals_in[i] for i in (0, 1, 3)))
     dtype = jnp.dtype(ctx.avals_in[0].dtype).name

@@ -7,9 +7,9 @@
 // grad_offset/grad_mask over the channels of a group in a fixed order and
 // write grad_weight as per-block partial sums that a second kernel adds in a
 // fixed order. grad_x is a scatter: either float atomics from those kernels
-// (vector atomics on sm_90), or a separate gather over destination-sorted
-// contributions (cuda_grad_x_gather.cu), bitwise reproducible and chosen
-// whenever determinism is asked for.
+// (vector atomics on sm_90), or a separate gather over samples sorted by
+// their top-left corner (cuda_grad_x_gather.cu), bitwise reproducible and
+// chosen whenever determinism is asked for.
 #include "cuda_common.cuh"
 #include "cuda_grad_x_gather.h"
 

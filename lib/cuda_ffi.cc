@@ -83,7 +83,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   if (err = CheckLimits(s); err.failure()) return err;
   if (deterministic && !DeterministicBackwardFits(s)) {
     return ffi::Error::InvalidArgument(
-        "deform_conv2d (CUDA): the deterministic backward indexes contributions with 32 bits; "
+        "deform_conv2d (CUDA): the deterministic backward indexes samples with 32 bits; "
         "this problem is too large for it (use deterministic=False or split the batch)");
   }
   Dtype dtype;

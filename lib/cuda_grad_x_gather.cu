@@ -1,4 +1,4 @@
-// grad_x by gather over destination-sorted contributions (see the header).
+// grad_x by gather over samples sorted by their top-left corner (see the header).
 #include "cuda_grad_x_gather.h"
 
 #include <cub/cub.cuh>
@@ -12,18 +12,29 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// A sample is one (output pixel, group, tap); a destination one (image,
+// input pixel, group) of grad_x. A sample's four corners are destinations
+// (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1), so samples are
+// sorted once by their top-left corner, a cell of the grid padded by one row
+// and column in front ((H + 1) x (W + 1) cells: y0 and x0 may be -1), and a
+// destination (y, x) reads the samples of four cells: those whose corner 0,
+// 1, 2 and 3 it is, cells (y + 1, x + 1), (y + 1, x), (y, x + 1) and (y, x)
+// of the padded grid. A corner outside the image is nobody's destination, so
+// it is never read. One sort item a sample, where one a corner took four
+// times the items and 1.5 times the bytes an item.
 __host__ __device__ int64_t Destinations(const ConvShape& s) { return s.n * s.h * s.w * s.groups; }
-__host__ __device__ int64_t Contributions(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps() * 4; }
-// Sort keys: destination * taps + tap, so a destination's contributions come
-// tap by tap and the gather multiplies by a tap's weights once per run of
-// that tap rather than once per contribution (each contribution then costs
-// one grad_y load and one multiply-add a channel). The key of samples outside
-// the image, Destinations * taps, sorts last and is never read.
-__host__ __device__ int64_t OutsideKey(const ConvShape& s) { return Destinations(s) * s.taps(); }
+__host__ __device__ int64_t Samples(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps(); }
+__host__ __device__ int64_t Cells(const ConvShape& s) { return s.n * (s.h + 1) * (s.w + 1) * s.groups; }
+// Sort keys: cell * taps + tap, so a cell's samples come tap by tap and the
+// gather multiplies by a tap's weights once per run of that tap rather than
+// once per sample (each sample then costs one grad_y load and one
+// multiply-add a channel). The key of samples outside the image, Cells *
+// taps, sorts last and is never read.
+__host__ __device__ int64_t OutsideKey(const ConvShape& s) { return Cells(s) * s.taps(); }
 
-// An entry names its sample as (output pixel << TapBits) | tap: the gather
-// splits it with a shift and a mask, where pixel * taps + tap took a 32-bit
-// division per entry (a quarter of the gather's instructions).
+// A sample's sorted value names it as (output pixel << TapBits) | tap: the
+// gather splits it with a shift and a mask, where pixel * taps + tap took a
+// 32-bit division per sample (a quarter of the gather's instructions).
 __host__ __device__ int TapBits(int64_t taps) {
   int bits = 0;
   while ((int64_t{1} << bits) < taps) ++bits;
@@ -37,101 +48,95 @@ int KeyBits(const ConvShape& s) {
   return bits;
 }
 
-// Scratch carve-up, used by both the size query and the launch. wide
-// (float64): each contribution's scale is a double of its own, `scales`,
-// indexed by contribution id, which the entry then carries in its upper half.
+// What the gather needs of a sample besides its pixel and tap, indexed by
+// the sample's number ((pixel * G + g) * taps + tap), in its arithmetic
+// type: the fractional position and the mask, from which each corner's
+// weight is mask * (bilinear weight), formed as the other kernels form it.
+template <typename A>
+struct alignas(4 * sizeof(A)) SampleFracOf {
+  A ly, lx, mask, unused;
+};
+
+// Scratch carve-up, used by both the size query and the launch.
 struct Layout {
-  size_t starts, keys_in, keys_out, entries_in, entries_out, sort_temp, scales, total;
+  size_t starts, keys_in, keys_out, where_in, where_out, fracs, sort_temp, total;
   size_t sort_bytes;
 };
 
 Layout MakeLayout(const ConvShape& s, bool wide = false) {
   Layout d{};
-  const int64_t destinations = Destinations(s);
-  const int contributions = static_cast<int>(Contributions(s));
+  const int samples = static_cast<int>(Samples(s));
   cub::DeviceRadixSort::SortPairs(nullptr, d.sort_bytes, static_cast<const unsigned*>(nullptr),
-                                  static_cast<unsigned*>(nullptr),
-                                  static_cast<const unsigned long long*>(nullptr),
-                                  static_cast<unsigned long long*>(nullptr), contributions, 0,
-                                  KeyBits(s));
+                                  static_cast<unsigned*>(nullptr), static_cast<const unsigned*>(nullptr),
+                                  static_cast<unsigned*>(nullptr), samples, 0, KeyBits(s));
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t here = at;
     at += Align(bytes);
     return here;
   };
-  d.starts = take((destinations + 1) * sizeof(unsigned));
-  d.keys_in = take(contributions * sizeof(unsigned));
-  d.keys_out = take(contributions * sizeof(unsigned));
-  d.entries_in = take(contributions * sizeof(unsigned long long));
-  d.entries_out = take(contributions * sizeof(unsigned long long));
+  d.starts = take((Cells(s) + 1) * sizeof(unsigned));
+  d.keys_in = take(samples * sizeof(unsigned));
+  d.keys_out = take(samples * sizeof(unsigned));
+  d.where_in = take(samples * sizeof(unsigned));
+  d.where_out = take(samples * sizeof(unsigned));
+  d.fracs = take(samples * (wide ? sizeof(SampleFracOf<double>) : sizeof(SampleFracOf<float>)));
   d.sort_temp = take(d.sort_bytes);
-  d.scales = wide ? take(contributions * sizeof(double)) : 0;
   d.total = at;
   return d;
 }
 
-// One thread per (output pixel, group, tap): the key of each corner is its
-// destination and the tap; the entry packs (pixel << TapBits) | tap with the corner's weight
-// times the mask, all the gather needs. For double the scale does not fit
-// beside the position: it goes to scales[id] and the entry packs the id.
-// Nothing is counted here: where each destination's entries start is found
-// in the sorted keys afterwards (SegmentStartsKernel), where an integer
-// atomic per corner (4 per sample, neighbouring taps of a warp often on one
-// address) made this kernel as slow as the sort.
+// One thread per sample: its key (top-left cell and tap), its value (pixel
+// and tap) and its fractional position and mask. A sample outside -1 < y < H,
+// -1 < x < W (MakeBilinear's rule; NaN and +-inf fail it) reads nothing and
+// gets the key that sorts last. Nothing is counted here: where each cell's
+// samples start is found in the sorted keys afterwards (SegmentStartsKernel),
+// where an integer atomic per item made this kernel as slow as the sort.
 template <typename T>
-__global__ void ContributionKernel(ConvShape s, const T* __restrict__ offset,
-                                   const T* __restrict__ mask, unsigned* __restrict__ keys,
-                                   unsigned long long* __restrict__ entries,
-                                   Accum<T>* __restrict__ scales) {
+__global__ void SampleKeysKernel(ConvShape s, const T* __restrict__ offset, const T* __restrict__ mask,
+                                 unsigned* __restrict__ keys, unsigned* __restrict__ where,
+                                 SampleFracOf<Accum<T>>* __restrict__ fracs) {
   using A = Accum<T>;
-  // 32-bit indices: GatherFits keeps the contribution count under 2^31, and
-  // 64-bit division is a long subroutine.
+  // 32-bit indices: GatherFits keeps the sample count under 2^31, and 64-bit
+  // division is a long subroutine.
   const unsigned taps = static_cast<unsigned>(s.taps()), groups = static_cast<unsigned>(s.groups);
-  const unsigned total = static_cast<unsigned>(s.n * s.ho * s.wo * s.groups * s.taps());
+  const unsigned total = static_cast<unsigned>(Samples(s)), kw = static_cast<unsigned>(s.kw);
   const int tap_bits = TapBits(taps);
-  const int64_t hw = s.h * s.w;
   const unsigned outside = static_cast<unsigned>(OutsideKey(s));
   for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
     const unsigned k = e % taps, pixel_group = e / taps, g = pixel_group % groups,
                    pixel = pixel_group / groups;
-    const TapGeometryOf<A> t = MakeGeometry(s, offset, mask, pixel, g, k);
-    A wgt[4];
-    CornerWeights(ToBilinear(t), wgt);
-    const int64_t image = DecodePixel(s, pixel).image;
-    const unsigned long long where = (pixel << tap_bits) | k;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t id = int64_t{e} * 4 + i;
-      if ((t.valid >> i) & 1u) {
-        const unsigned dest = static_cast<unsigned>((image * hw + t.corner[i]) * s.groups + g);
-        keys[id] = dest * taps + k;
-        const A scale = t.mask * wgt[i];
-        if constexpr (std::is_same_v<A, double>) {
-          scales[id] = scale;
-          entries[id] = where | (static_cast<unsigned long long>(id) << 32);
-        } else {
-          entries[id] = where | (static_cast<unsigned long long>(__float_as_uint(scale)) << 32);
-        }
-      } else {
-        keys[id] = outside;
-        entries[id] = 0;
-      }
+    const TapOperands<A> in = LoadTapOperands(s, offset, mask, pixel, g, k);
+    const PixelAt at = DecodePixel(s, pixel);
+    A py, px;
+    SamplePosition(s, at.oy, at.ox, k / kw, k % kw, in.dy, in.dx, &py, &px);
+    SampleFracOf<A> f{A(0), A(0), in.mask, A(0)};
+    unsigned key = outside;
+    if (py > A(-1) && py < static_cast<A>(s.h) && px > A(-1) && px < static_cast<A>(s.w)) {
+      const A fy = FloorOf(py), fx = FloorOf(px);
+      // Padded cell of the top-left corner: y0 + 1 in [0, H], x0 + 1 in [0, W].
+      const int64_t cell = ((at.image * (s.h + 1) + static_cast<int64_t>(fy) + 1) * (s.w + 1) +
+                            static_cast<int64_t>(fx) + 1) * s.groups + g;
+      key = static_cast<unsigned>(cell) * taps + k;
+      f.ly = py - fy;
+      f.lx = px - fx;
     }
+    keys[e] = key;
+    where[e] = (pixel << tap_bits) | k;
+    fracs[e] = f;
   }
 }
 
-// starts[d] = the first sorted entry whose key is d * taps or more, for d in
-// [0, destinations]: destination d's entries are [starts[d], starts[d + 1]),
-// and starts[destinations] is where the samples outside the image begin
-// (their key, OutsideKey, is destinations * taps). One thread per
-// destination, a binary search over the sorted keys.
+// starts[c] = the first sorted item whose key is c * taps or more, for c in
+// [0, cells]: cell c's samples are [starts[c], starts[c + 1]), and
+// starts[cells] is where the samples outside the image begin (their key,
+// OutsideKey, is cells * taps). One thread per cell, a binary search over
+// the sorted keys.
 __global__ void SegmentStartsKernel(const unsigned* __restrict__ keys, unsigned count,
-                                    unsigned destinations, unsigned taps,
-                                    unsigned* __restrict__ starts) {
-  const unsigned d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (d > destinations) return;
-  const unsigned want = d * taps;  // GatherFits: OutsideKey fits 32 bits
+                                    unsigned cells, unsigned taps, unsigned* __restrict__ starts) {
+  const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c > cells) return;
+  const unsigned want = c * taps;  // GatherFits: OutsideKey fits 32 bits
   unsigned lo = 0, hi = count;
   while (lo < hi) {
     const unsigned mid = lo + (hi - lo) / 2;
@@ -141,18 +146,20 @@ __global__ void SegmentStartsKernel(const unsigned* __restrict__ keys, unsigned 
       hi = mid;
     }
   }
-  starts[d] = lo;
+  starts[c] = lo;
 }
 
 // One warp per destination, or for groups of 16 vectors or fewer one
 // sub-warp of L lanes (32 / L destinations a warp); each lane keeps R vectors
-// of V channels. Three blocks per SM leave the registers to keep an entry's
-// 2R loads in flight (with more blocks the compiler serialized them).
+// of V channels. The destination's four cells are read in corner order and
+// each cell's samples in sorted order: a fixed order of additions. Three
+// blocks per SM leave the registers to keep a sample's 2R loads in flight
+// (with more blocks the compiler serialized them).
 template <typename T, int V, int R, int L>
 __global__ void __launch_bounds__(kThreads, 3)
     GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
-                 const unsigned* __restrict__ starts, const unsigned long long* __restrict__ entries,
-                 const Accum<T>* __restrict__ scales, Accum<T>* __restrict__ grad_x) {
+                 const unsigned* __restrict__ starts, const unsigned* __restrict__ where,
+                 const SampleFracOf<Accum<T>>* __restrict__ fracs, Accum<T>* __restrict__ grad_x) {
   using A = Accum<T>;
   const int sub = (threadIdx.x % 32) / L;
   const int64_t dest =
@@ -160,8 +167,14 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (dest >= Destinations(s)) return;  // the whole sub-warp: it shares dest
   const int lane = threadIdx.x % L;
   const unsigned lanes_mask = L == 32 ? 0xffffffffu : ((1u << L) - 1u) << (sub * L);
-  const unsigned begin = starts[dest], end = starts[dest + 1];
   const int64_t g = dest % s.groups, in_pixel = dest / s.groups;
+  // The destination's padded cell (y, x), that of its corner-3 samples; the
+  // cells of its corner-2, 1 and 0 samples follow it by one cell, one padded
+  // row and both (GatherFits: cells are numbered in 32 bits).
+  const unsigned w = static_cast<unsigned>(s.w), h = static_cast<unsigned>(s.h);
+  const unsigned groups = static_cast<unsigned>(s.groups);
+  const unsigned px = static_cast<unsigned>(in_pixel) % w, row = static_cast<unsigned>(in_pixel) / w;
+  const unsigned cell3 = ((row / h * (h + 1) + row % h) * (w + 1) + px) * groups + static_cast<unsigned>(g);
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const unsigned taps = static_cast<unsigned>(s.taps());
   const int tap_bits = TapBits(taps);
@@ -170,15 +183,15 @@ __global__ void __launch_bounds__(kThreads, 3)
   for (int base = 0; base < vectors; base += L * R) {
     // Where this lane's R vectors sit in a row of grad_y and weight. Lanes past
     // the group's channels read the last vector and never store it, so every
-    // load is unconditional and all 2R of an entry are in flight together.
+    // load is unconditional and all 2R of a sample are in flight together.
     int64_t col[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       col[r] = (g * cg + static_cast<int64_t>(min(base + lane + L * r, vectors - 1)) * V) * m;
     }
     // acc: the destination's sum; run: the current tap's sum of scale * grad_y,
-    // multiplied by the tap's weights when the tap changes (entries come
-    // sorted by tap within a destination).
+    // multiplied by the tap's weights when the tap changes (samples come
+    // sorted by tap within a cell).
     A acc[R][V], run[R][V];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -200,44 +213,57 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
       }
     };
-    // The sub-warp reads L entries with one coalesced load and hands them out
-    // by shuffles, so the grad_y loads of consecutive entries do not wait on
-    // each entry's own load; entries are still added in sorted order.
-    for (unsigned a0 = begin; a0 < end; a0 += L) {
-      const unsigned long long mine = a0 + lane < end ? entries[a0 + lane] : 0ull;
-      const int count = static_cast<int>(min(static_cast<unsigned>(L), end - a0));
 #pragma unroll 1
-      for (int j = 0; j < count; ++j) {
-        const unsigned long long entry = __shfl_sync(lanes_mask, mine, j, L);
-        const unsigned where = static_cast<unsigned>(entry);
-        A scale;
-        if constexpr (std::is_same_v<A, double>) {
-          scale = scales[entry >> 32];
-        } else {
-          scale = __uint_as_float(static_cast<unsigned>(entry >> 32));
+    for (int corner = 0; corner < 4; ++corner) {
+      const unsigned cell = cell3 + (corner == 0   ? (w + 2) * groups
+                                     : corner == 1 ? (w + 1) * groups
+                                     : corner == 2 ? groups
+                                                   : 0u);
+      const unsigned begin = starts[cell], end = starts[cell + 1];
+      // The sub-warp reads L samples with one coalesced load, each lane makes
+      // its sample's weight at this corner (mask * bilinear weight), and
+      // shuffles hand both out, so the grad_y loads of consecutive samples do
+      // not wait on each sample's own loads; samples are still added in
+      // sorted order.
+      for (unsigned a0 = begin; a0 < end; a0 += L) {
+        unsigned mine = 0;
+        A mine_scale = A(0);
+        if (a0 + lane < end) {
+          mine = where[a0 + lane];
+          const unsigned pixel = mine >> tap_bits, k = mine & tap_mask;
+          const SampleFracOf<A> f = fracs[(static_cast<int64_t>(pixel) * s.groups + g) * taps + k];
+          const A hy = A(1) - f.ly, hx = A(1) - f.lx;
+          const A wgt = corner == 0 ? hy * hx : corner == 1 ? hy * f.lx : corner == 2 ? f.ly * hx : f.ly * f.lx;
+          mine_scale = f.mask * wgt;
         }
-        const unsigned pixel = where >> tap_bits, k = where & tap_mask;
-        const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
-        if (V > 1 || m == 1) {
-          if (k != run_tap) {  // the same for the whole sub-warp
-            if (run_tap != taps) close_run();
-            run_tap = k;
-          }
-          A gv[R][V];
+        const int count = static_cast<int>(min(static_cast<unsigned>(L), end - a0));
+#pragma unroll 1
+        for (int j = 0; j < count; ++j) {
+          const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
+          const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
+          const unsigned pixel = sample >> tap_bits, k = sample & tap_mask;
+          const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
+          if (V > 1 || m == 1) {
+            if (k != run_tap) {  // the same for the whole sub-warp
+              if (run_tap != taps) close_run();
+              run_tap = k;
+            }
+            A gv[R][V];
 #pragma unroll
-          for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
+            for (int r = 0; r < R; ++r) {
 #pragma unroll
-            for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
-          }
-        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
-          const T* wk = weight + static_cast<int64_t>(k) * cm;
+              for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
+            }
+          } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+            const T* wk = weight + static_cast<int64_t>(k) * cm;
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            A sum = A(0);
-            for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
-            acc[r][0] += scale * sum;
+            for (int r = 0; r < R; ++r) {
+              A sum = A(0);
+              for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
+              acc[r][0] += scale * sum;
+            }
           }
         }
       }
@@ -258,22 +284,22 @@ __global__ void __launch_bounds__(kThreads, 3)
 
 template <typename T, int V, int R, int L>
 void LaunchGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
-                      const unsigned* starts, const unsigned long long* entries,
-                      const Accum<T>* scales, Accum<T>* grad_x) {
+                      const unsigned* starts, const unsigned* where,
+                      const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
   constexpr int kPerBlock = kThreads / L;  // destinations a block
   const int64_t blocks = (Destinations(s) + kPerBlock - 1) / kPerBlock;
-  GatherKernel<T, V, R, L><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, entries,
-                                                            scales, grad_x);
+  GatherKernel<T, V, R, L><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, where,
+                                                            fracs, grad_x);
 }
 
 template <typename T, int V>
 void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
-                  const unsigned* starts, const unsigned long long* entries,
-                  const Accum<T>* scales, Accum<T>* grad_x) {
+                  const unsigned* starts, const unsigned* where,
+                  const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
   const int64_t vectors = s.channels_per_group() / V;
   auto launch = [&](auto r, auto l) {
     LaunchGatherWith<T, V, decltype(r)::value, decltype(l)::value>(stream, s, weight, grad_y,
-                                                                   starts, entries, scales, grad_x);
+                                                                   starts, where, fracs, grad_x);
   };
   using std::integral_constant;
   if (vectors <= 4) {
@@ -296,33 +322,31 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
                    const T* weight, const T* grad_y, Accum<T>* grad_x, unsigned char* scratch) {
   using A = Accum<T>;
   const Layout d = MakeLayout(s, std::is_same_v<A, double>);
-  auto* scales = std::is_same_v<A, double> ? reinterpret_cast<A*>(scratch + d.scales) : nullptr;
   auto* starts = reinterpret_cast<unsigned*>(scratch + d.starts);
   auto* keys_in = reinterpret_cast<unsigned*>(scratch + d.keys_in);
   auto* keys_out = reinterpret_cast<unsigned*>(scratch + d.keys_out);
-  auto* entries_in = reinterpret_cast<unsigned long long*>(scratch + d.entries_in);
-  auto* entries_out = reinterpret_cast<unsigned long long*>(scratch + d.entries_out);
-  const int64_t destinations = Destinations(s);
-  const int contributions = static_cast<int>(Contributions(s));
-  const int64_t grid = std::min<int64_t>((contributions / 4 + kThreads - 1) / kThreads, 1 << 20);
-  ContributionKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, keys_in, entries_in, scales);
+  auto* where_in = reinterpret_cast<unsigned*>(scratch + d.where_in);
+  auto* where_out = reinterpret_cast<unsigned*>(scratch + d.where_out);
+  auto* fracs = reinterpret_cast<SampleFracOf<A>*>(scratch + d.fracs);
+  const int64_t cells = Cells(s);
+  const int samples = static_cast<int>(Samples(s));
+  const int64_t grid = std::min<int64_t>((samples + kThreads - 1) / kThreads, 1 << 20);
+  SampleKeysKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, keys_in, where_in, fracs);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   size_t sort_bytes = d.sort_bytes;
-  err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out,
-                                        entries_in, entries_out, contributions, 0, KeyBits(s),
-                                        stream);
+  err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out, where_in,
+                                        where_out, samples, 0, KeyBits(s), stream);
   if (err != cudaSuccess) return err;
-  SegmentStartsKernel<<<static_cast<unsigned>((destinations + 1 + kThreads - 1) / kThreads), kThreads,
-                        0, stream>>>(keys_out, static_cast<unsigned>(contributions),
-                                     static_cast<unsigned>(destinations),
-                                     static_cast<unsigned>(s.taps()), starts);
+  SegmentStartsKernel<<<static_cast<unsigned>((cells + 1 + kThreads - 1) / kThreads), kThreads, 0,
+                        stream>>>(keys_out, static_cast<unsigned>(samples), static_cast<unsigned>(cells),
+                                  static_cast<unsigned>(s.taps()), starts);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
   if (s.multiplier == 1 && s.channels_per_group() % kVec == 0) {
-    LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, entries_out, scales, grad_x);
+    LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
   } else {
-    LaunchGather<T, 1>(stream, s, weight, grad_y, starts, entries_out, scales, grad_x);
+    LaunchGather<T, 1>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
   }
   return cudaGetLastError();
 }
@@ -331,7 +355,7 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
 
 bool GatherFits(const ConvShape& s) {
   return OutsideKey(s) < std::numeric_limits<unsigned>::max() &&
-         Contributions(s) < std::numeric_limits<int>::max() &&
+         Samples(s) < std::numeric_limits<int>::max() &&
          (s.n * s.ho * s.wo << TapBits(s.taps())) < std::numeric_limits<unsigned>::max();
 }
 

@@ -1,11 +1,11 @@
-// grad_x of the CUDA backward as a gather: every (pixel, tap, corner) sample
-// that lands inside the image is a contribution to one destination (image,
-// input pixel, offset group). Contributions are sorted by (destination, tap)
-// with a stable radix sort (so within those they stay in contribution order,
-// whatever the scheduling), and one warp per destination adds its run in that
-// order across the channels of the group, one multiply by the tap's weights
-// per run of a tap: no float atomics, bitwise reproducible, and grad_x is
-// written exactly once.
+// grad_x of the CUDA backward as a gather: every (output pixel, group, tap)
+// sample whose position lies in the image adds to its four corners. Samples
+// are sorted by (top-left corner, tap) with a stable radix sort (so within
+// those they stay in sample order, whatever the scheduling); one warp per
+// destination (image, input pixel, group) adds, across the channels of the
+// group, the samples of the four cells whose corner 0, 1, 2 and 3 it is, in
+// that order, one multiply by the tap's weights per run of a tap: no float
+// atomics, bitwise reproducible, and grad_x is written exactly once.
 #ifndef JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
 #define JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
 
@@ -19,7 +19,7 @@
 namespace jax_deform {
 namespace cuda_detail {
 
-// Destinations and contributions are indexed with 32 bits (the sort's item
+// Destinations, cells and samples are indexed with 32 bits (the sort's item
 // count with a signed int): false when this problem is too large for that.
 bool GatherFits(const ConvShape& s);
 

@@ -29,7 +29,7 @@ cudaError_t LaunchTangentCuda(cudaStream_t stream, Dtype dtype, const ConvShape&
 // Bytes of device scratch LaunchBackwardCuda needs for this shape.
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic);
 
-// Whether the deterministic backward's 32-bit contribution indices cover s.
+// Whether the deterministic backward's 32-bit sample and cell indices cover s.
 bool DeterministicBackwardFits(const ConvShape& s);
 
 // Gradients for x, offset, mask (if s.has_mask) and weight (kh*kw, C*M): float32,
