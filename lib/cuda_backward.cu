@@ -211,9 +211,14 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 constexpr int SampleWarps(int rounds) { return rounds == 3 ? 5 : 8; }
 constexpr int SampleMinBlocks(int rounds) { return rounds == 3 ? 3 : 2; }
 constexpr int kSampleVec = 4;   // channels per lane access (16 bytes in float32)
-constexpr int kSampleTaps = 9;  // taps per block (kernels with more taps use grid.z chunks)
 constexpr int kSampleSums = 32; // 3 sums per tap, padded to the butterfly's width
-static_assert(3 * kSampleTaps <= kSampleSums, "a tap chunk's sums must fit one butterfly");
+// Taps a block takes (kernels with more taps split them over grid.z chunks,
+// each of which repeats the pixel's grad_y loads, offsets and reductions):
+// 10, whose 30 sums fit the butterfly, so 7x7 takes five chunks, not six
+// (9, 9, 9, 9, 9 and 4 taps); 9 with three vectors a lane, whose grad_weight
+// slots for a tenth tap would not fit three blocks an SM.
+constexpr int SampleTaps(int rounds) { return rounds == 3 ? 9 : 10; }
+static_assert(3 * SampleTaps(1) <= kSampleSums, "a tap chunk's sums must fit one butterfly");
 
 // Sums a[0..32) over the L lanes of each sub-warp; afterwards lane l of the
 // sub-warp holds the sum of a[l * (32 / L) + j] in a[j], j < 32 / L.
@@ -240,7 +245,7 @@ struct SamplePlan {
   int rounds;      // R: channel vectors per lane (1, 2 or 3)
   int warps;       // warps per block (fewer with 3 vectors a lane: shared memory)
   int slices;      // channel slices of L * R * V channels per offset group
-  int chunks;      // tap chunks of up to kSampleTaps taps
+  int chunks;      // tap chunks of up to SampleTaps(rounds) taps
   int mask_row;    // G * taps: a pixel's row of mask (of offset: twice that)
   int64_t pixels_per_block, blocks_x;
 };
@@ -374,7 +379,7 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   if (!SampleShapeBuilt(p.lanes, p.rounds)) p.rounds = 1;
   p.warps = SampleWarps(p.rounds);
   p.slices = static_cast<int>((vectors + p.lanes * p.rounds - 1) / (p.lanes * p.rounds));
-  p.chunks = static_cast<int>((s.taps() + kSampleTaps - 1) / kSampleTaps);
+  p.chunks = static_cast<int>((s.taps() + SampleTaps(p.rounds) - 1) / SampleTaps(p.rounds));
   p.mask_row = static_cast<int>(s.mask_channels());
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t step = p.warps * (32 / p.lanes);  // pixels a block visits at once
@@ -391,8 +396,9 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
 
 template <typename A>
 inline size_t SampleSharedBytes(const SamplePlan& p) {
-  return p.warps * (32 / p.lanes) * kSampleTaps * sizeof(SampleTapOf<A>) +
-         kSampleTaps * p.rounds * kSampleVec * p.warps * 32 * sizeof(A);
+  const int taps = SampleTaps(p.rounds);
+  return p.warps * (32 / p.lanes) * taps * sizeof(SampleTapOf<A>) +
+         taps * p.rounds * kSampleVec * p.warps * 32 * sizeof(A);
 }
 
 // Two 8-warp blocks per SM (measured on an H200: faster than three with
@@ -410,7 +416,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
                          Accum<T>* __restrict__ grad_mask, Accum<T>* __restrict__ slice_partial,
                          Accum<T>* __restrict__ weight_partial) {
   using A = Accum<T>;
-  constexpr int V = kSampleVec, KC = kSampleTaps, kSub = 32 / L, kPer = kSampleSums / L;
+  constexpr int V = kSampleVec, KC = SampleTaps(R), kSub = 32 / L, kPer = kSampleSums / L;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   SampleTapOf<A>* geo = reinterpret_cast<SampleTapOf<A>*>(smem) + (warp * kSub + sub) * KC;
