@@ -117,65 +117,119 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 #pragma unroll
         for (int k = 0; k < KT; ++k) LoadVec<T, V>(weight + k * cm + c, w_reg[k]);
       }
-      for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += groups_of_pixels) {
-        const int64_t pixel = pixel_of[lp];
-        if (pixel < 0) continue;
+      if constexpr (MB == 1 && KT == 0) {
+        // Weights read per tap: two pixels a pass share each tap's weight
+        // load (and in 16-bit types its conversion), a fifth of the loads
+        // of a pixel's tap (four corners and the weights) and, in bfloat16,
+        // a fifth of its conversions.
         const char* xc = reinterpret_cast<const char*>(x + c);
-        A acc[V * MB];
+        for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += 2 * groups_of_pixels) {
+          const int lp1 = lp + groups_of_pixels;
+          const int64_t pixel[2] = {pixel_of[lp], lp1 < tg.pixels ? pixel_of[lp1] : -1};
+          // A pixel past the image edge has no tap table (never written): skipped.
+          const Tap* tt[2] = {tap_table + lp * taps, tap_table + (pixel[1] >= 0 ? lp1 : lp) * taps};
+          A acc[2][V];
 #pragma unroll
-        for (int i = 0; i < V * MB; ++i) acc[i] = A(0);
-        const Tap* tt = tap_table + lp * taps;
-#pragma unroll(KT > 0 ? KT : 3)
-        for (int k = 0; k < taps; ++k) {
-          const Tap t = tt[k];
-          A val[V];
+          for (int q = 0; q < 2; ++q) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) val[v] = A(0);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (t.start[i] < 0) continue;
-            A corner[V];
-            LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
-#pragma unroll
-            for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
+            for (int v = 0; v < V; ++v) acc[q][v] = A(0);
           }
-          if constexpr (MB == 1) {
+#pragma unroll 2
+          for (int k = 0; k < taps; ++k) {
             A wv[V];
-            if constexpr (KT > 0) {
+            LoadVec<T, V>(weight + k * cm + c, wv);
 #pragma unroll
-              for (int v = 0; v < V; ++v) wv[v] = w_reg[k][v];
-            } else {
-              LoadVec<T, V>(weight + k * cm + c, wv);
+            for (int q = 0; q < 2; ++q) {
+              if (pixel[q] < 0) continue;
+              const Tap t = tt[q][k];
+              A val[V];
+#pragma unroll
+              for (int v = 0; v < V; ++v) val[v] = A(0);
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                if (t.start[i] < 0) continue;
+                A corner[V];
+                LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
+#pragma unroll
+                for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
+              }
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[q][v] += val[v] * wv[v];
             }
+          }
+          A bv[V];
+          if (bias) LoadVec<T, V>(bias + c, bv);
 #pragma unroll
-            for (int v = 0; v < V; ++v) acc[v] += val[v] * wv[v];
+          for (int q = 0; q < 2; ++q) {
+            if (pixel[q] < 0) continue;
+            if (bias) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[q][v] += bv[v];
+            }
+            StoreVec<T, V>(y + pixel[q] * cm + c, acc[q]);
+          }
+        }
+      } else {
+        for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += groups_of_pixels) {
+          const int64_t pixel = pixel_of[lp];
+          if (pixel < 0) continue;
+          const char* xc = reinterpret_cast<const char*>(x + c);
+          A acc[V * MB];
+#pragma unroll
+          for (int i = 0; i < V * MB; ++i) acc[i] = A(0);
+          const Tap* tt = tap_table + lp * taps;
+#pragma unroll(KT > 0 ? KT : 3)
+          for (int k = 0; k < taps; ++k) {
+            const Tap t = tt[k];
+            A val[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) val[v] = A(0);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              if (t.start[i] < 0) continue;
+              A corner[V];
+              LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
+#pragma unroll
+              for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
+            }
+            if constexpr (MB == 1) {
+              A wv[V];
+              if constexpr (KT > 0) {
+#pragma unroll
+                for (int v = 0; v < V; ++v) wv[v] = w_reg[k][v];
+              } else {
+                LoadVec<T, V>(weight + k * cm + c, wv);
+              }
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[v] += val[v] * wv[v];
+            } else {
+              const T* wk = weight + k * cm;
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+#pragma unroll
+                for (int jj = 0; jj < MB; ++jj) {
+                  if (j0 + jj < m) acc[v * MB + jj] += val[v] * ToF(wk[(c + v) * m + j0 + jj]);
+                }
+              }
+            }
+          }
+          T* yp = y + pixel * cm;
+          if constexpr (MB == 1) {  // M == 1: V consecutive outputs
+            if (bias) {
+              A bv[V];
+              LoadVec<T, V>(bias + c, bv);
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[v] += bv[v];
+            }
+            StoreVec<T, V>(yp + c, acc);
           } else {
-            const T* wk = weight + k * cm;
 #pragma unroll
             for (int v = 0; v < V; ++v) {
 #pragma unroll
               for (int jj = 0; jj < MB; ++jj) {
-                if (j0 + jj < m) acc[v * MB + jj] += val[v] * ToF(wk[(c + v) * m + j0 + jj]);
+                const int64_t o = (c + v) * m + j0 + jj;
+                if (j0 + jj < m) yp[o] = FromAcc<T>(acc[v * MB + jj] + (bias ? ToF(bias[o]) : A(0)));
               }
-            }
-          }
-        }
-        T* yp = y + pixel * cm;
-        if constexpr (MB == 1) {  // M == 1: V consecutive outputs
-          if (bias) {
-            A bv[V];
-            LoadVec<T, V>(bias + c, bv);
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc[v] += bv[v];
-          }
-          StoreVec<T, V>(yp + c, acc);
-        } else {
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-#pragma unroll
-            for (int jj = 0; jj < MB; ++jj) {
-              const int64_t o = (c + v) * m + j0 + jj;
-              if (j0 + jj < m) yp[o] = FromAcc<T>(acc[v * MB + jj] + (bias ? ToF(bias[o]) : A(0)));
             }
           }
         }
