@@ -272,7 +272,7 @@ struct alignas(16) SampleTapOf {
 // divides nothing (the tap's row and column, and the pixel's image, row and
 // column, cost four integer divisions a pixel before).
 struct SampleTapConst {
-  int dy, dx;  // tap row * dilation - padding, likewise the column
+  int tap_y, tap_x;  // tap row * dilation - padding, likewise the column
   int offset;  // index of its (dy, dx) in a pixel's row of offsets; half that in mask's row
 };
 
@@ -301,7 +301,8 @@ template <typename T, typename A>
 __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, const PixelCursor& at,
                                                         const SampleTapConst& tc,
                                                         const TapOperands<A>& in) {
-  const TapSampleOf<A, int32_t> t = SampleAt<T, int32_t>(s, at.image, at.oy, at.ox, tc.dy, tc.dx, in.dy, in.dx);
+  const TapSampleOf<A, int32_t> t =
+      SampleAt<T, int32_t>(s, at.image, at.oy, at.ox, tc.tap_y, tc.tap_x, in.dy, in.dx);
   SampleTapOf<A> tap;
 #pragma unroll
   for (int i = 0; i < 4; ++i) tap.start[i] = t.start[i];
@@ -312,11 +313,12 @@ __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, cons
   return tap;
 }
 
-// 32-bit tap offsets need x under 2 GiB; larger problems take the tile kernel.
+// 32-bit tap offsets need x under 2 GiB, and 32-bit positions PositionsFit;
+// other problems take the tile kernel.
 inline bool SampleKernelFits(const ConvShape& s, bool wide) {
   const int64_t x_bytes = s.n * s.h * s.w * s.c * int64_t{sizeof(float)};
   return !wide && s.multiplier == 1 && s.channels_per_group() % kSampleVec == 0 &&
-         x_bytes <= INT32_MAX;
+         x_bytes <= INT32_MAX && PositionsFit(s);
 }
 
 // The (lanes, vectors a lane) pairs the sample kernel is built for.

@@ -155,16 +155,32 @@ __device__ __forceinline__ PixelAt DecodePixel(const ConvShape& s, int64_t pixel
   return {pixel / (s.ho * s.wo), (pixel / s.wo) % s.ho, pixel % s.wo};
 }
 
+// Whether every sample position's whole part (output row * stride - padding
+// + tap row * dilation, likewise the columns), and every output row, column
+// and image, fits 32-bit arithmetic with room to spare: else the kernels
+// that compute positions in 32 bits (SampleAt with int32_t) must not run.
+// Only absurd strides, paddings or dilations fail it.
+inline bool PositionsFit(const ConvShape& s) {
+  constexpr int64_t kLimit = int64_t{1} << 30;
+  for (const int64_t v : {s.n, s.h, s.w, s.ho, s.wo, s.kh, s.kw, s.stride_h, s.stride_w, s.pad_h,
+                          s.pad_w, s.dil_h, s.dil_w}) {
+    if (v < 0 || v >= kLimit) return false;
+  }
+  return (s.ho - 1) * s.stride_h + (s.kh - 1) * s.dil_h < kLimit &&
+         (s.wo - 1) * s.stride_w + (s.kw - 1) * s.dil_w < kLimit;
+}
+
 // Where tap (tap_y, tap_x) of output pixel (image, oy, ox) samples x, given
 // its offsets (dy, dx); tap_y is the tap's row * dilation - padding, tap_x
 // likewise. Each corner's byte offset in x (image included; -1 where it lies
 // outside the image), the fractional position and the poison (NaN for a NaN
 // position, else 0). The rule of MakeBilinear (deform_math.h): the sample
 // counts only where -1 < y < H and -1 < x < W, comparisons that fail for NaN
-// and +-inf before any conversion. Integer arithmetic in Off: int32_t where
-// x is under 2 GiB, with no division (the kernels find the pixel and the
-// tap's (tap_y, tap_x) by additions or tables, where DecodePixel and the
-// tap's row and column cost four divisions a sample).
+// and +-inf before any conversion. Integer arithmetic in Off, positions
+// included: int32_t where x is under 2 GiB and PositionsFit, with no division
+// (the kernels find the pixel and the tap's (tap_y, tap_x) by additions or
+// tables, where DecodePixel and the tap's row and column cost four divisions
+// a sample).
 template <typename A, typename Off>
 struct TapSampleOf {
   Off start[4];
@@ -172,11 +188,11 @@ struct TapSampleOf {
 };
 
 template <typename T, typename Off, typename A>
-__device__ __forceinline__ TapSampleOf<A, Off> SampleAt(const ConvShape& s, int image, int oy, int ox,
-                                                        int tap_y, int tap_x, A dy, A dx) {
-  const int h = static_cast<int>(s.h), w = static_cast<int>(s.w);
-  const A py = static_cast<A>(oy * static_cast<int>(s.stride_h) + tap_y) + dy;
-  const A px = static_cast<A>(ox * static_cast<int>(s.stride_w) + tap_x) + dx;
+__device__ __forceinline__ TapSampleOf<A, Off> SampleAt(const ConvShape& s, Off image, Off oy, Off ox,
+                                                        Off tap_y, Off tap_x, A dy, A dx) {
+  const Off h = static_cast<Off>(s.h), w = static_cast<Off>(s.w);
+  const A py = static_cast<A>(oy * static_cast<Off>(s.stride_h) + tap_y) + dy;
+  const A px = static_cast<A>(ox * static_cast<Off>(s.stride_w) + tap_x) + dx;
   TapSampleOf<A, Off> t;
   t.poison = (py != py || px != px) ? std::numeric_limits<A>::quiet_NaN() : A(0);
   t.ly = t.lx = A(0);
@@ -184,7 +200,7 @@ __device__ __forceinline__ TapSampleOf<A, Off> SampleAt(const ConvShape& s, int 
   for (int i = 0; i < 4; ++i) t.start[i] = Off(-1);
   if (py > A(-1) && py < static_cast<A>(h) && px > A(-1) && px < static_cast<A>(w)) {
     const A fy = FloorOf(py), fx = FloorOf(px);
-    const int y0 = static_cast<int>(fy), x0 = static_cast<int>(fx);
+    const Off y0 = static_cast<Off>(fy), x0 = static_cast<Off>(fx);
     t.ly = py - fy;
     t.lx = px - fx;
     const bool y0_in = y0 >= 0, y1_in = y0 + 1 < h, x0_in = x0 >= 0, x1_in = x0 + 1 < w;

@@ -41,11 +41,12 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
   // The tile's image and first output row and column, the same for the
   // whole block (TilePixel's numbering), and the tile width's bits (a power
   // of two, WithTilePixels).
+  // Positions in Off: 32 bits only where PositionsFit (Forward's `narrow`).
   const unsigned tiles_x = static_cast<unsigned>(tg.tiles_x), tiles_y = static_cast<unsigned>(tg.tiles_y);
   const unsigned tile_row = blockIdx.x / tiles_x;
-  const int image = static_cast<int>(tile_row / tiles_y);
-  const int oy0 = static_cast<int>(tile_row % tiles_y) * (tg.pixels / tg.width);
-  const int ox0 = static_cast<int>(blockIdx.x - tile_row * tiles_x) * tg.width;
+  const Off image = static_cast<Off>(tile_row / tiles_y);
+  const Off oy0 = static_cast<Off>(tile_row % tiles_y) * (tg.pixels / tg.width);
+  const Off ox0 = static_cast<Off>(blockIdx.x - tile_row * tiles_x) * tg.width;
   const int width_bits = __ffs(tg.width) - 1;
   // Entry e = (lp * kh + ky) * kw + kx. A thread takes e = threadIdx.x,
   // + blockDim.x, ...: each step adds (lp, ky, kx) of blockDim.x, with
@@ -55,14 +56,14 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
   const int step_kx = blockDim.x % kw, step_ky = (blockDim.x / kw) % kh, step_lp = blockDim.x / taps;
   const int64_t mask_row = s.mask_channels(), first_tap = g * taps;  // offsets: 2 a mask entry
   for (int e = threadIdx.x; e < tg.pixels * taps; e += blockDim.x) {
-    const int oy = oy0 + (lp >> width_bits), ox = ox0 + (lp & (tg.width - 1));
+    const Off oy = oy0 + (lp >> width_bits), ox = ox0 + (lp & (tg.width - 1));
     if (oy < s.ho && ox < s.wo) {
       const int64_t pixel = (static_cast<int64_t>(image) * s.ho + oy) * s.wo + ox;
       const int64_t at = pixel * mask_row + first_tap + ky * kw + kx;  // MaskIndex; OffsetIndex is 2 at
       const A m = mask ? ToF(mask[at]) : A(1);
       const TapSampleOf<A, Off> t = SampleAt<T, Off>(
-          s, image, oy, ox, ky * static_cast<int>(s.dil_h) - static_cast<int>(s.pad_h),
-          kx * static_cast<int>(s.dil_w) - static_cast<int>(s.pad_w), ToF(offset[2 * at]),
+          s, image, oy, ox, ky * static_cast<Off>(s.dil_h) - static_cast<Off>(s.pad_h),
+          kx * static_cast<Off>(s.dil_w) - static_cast<Off>(s.pad_w), ToF(offset[2 * at]),
           ToF(offset[2 * at + 1]));
       const A hy = A(1) - t.ly, hx = A(1) - t.lx;
       ForwardTapOf<A, Off> f;
@@ -318,7 +319,7 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
     p = WithTilePixels(s, p, p.tile_pixels);
   }
   if (tune.forward_tile > 0) p = WithTilePixels(s, p, tune.forward_tile);
-  const bool narrow = s.n * s.h * s.w * s.c * int64_t{sizeof(T)} <= INT32_MAX;
+  const bool narrow = s.n * s.h * s.w * s.c * int64_t{sizeof(T)} <= INT32_MAX && PositionsFit(s);
   const size_t tap_bytes = narrow ? sizeof(ForwardTapOf<A, int32_t>) : sizeof(ForwardTapOf<A, int64_t>);
   const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) + p.tile_pixels * s.taps() * tap_bytes;
   // Enough blocks for about two waves: split the channels when tiles are few.

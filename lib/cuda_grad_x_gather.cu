@@ -330,7 +330,7 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   auto* fracs = reinterpret_cast<SampleFracOf<A>*>(scratch + d.fracs);
   const int64_t cells = Cells(s);
   const int samples = static_cast<int>(Samples(s));
-  const int64_t grid = std::min<int64_t>((samples + kThreads - 1) / kThreads, 1 << 20);
+  const int64_t grid = std::min<int64_t>((Samples(s) + kThreads - 1) / kThreads, 1 << 20);
   SampleKeysKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, keys_in, where_in, fracs);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
