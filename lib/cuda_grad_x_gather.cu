@@ -175,6 +175,13 @@ __global__ void __launch_bounds__(kThreads, 3)
   const unsigned groups = static_cast<unsigned>(s.groups);
   const unsigned px = static_cast<unsigned>(in_pixel) % w, row = static_cast<unsigned>(in_pixel) / w;
   const unsigned cell3 = ((row / h * (h + 1) + row % h) * (w + 1) + px) * groups + static_cast<unsigned>(g);
+  const unsigned cell0 = cell3 + (w + 2) * groups, cell1 = cell3 + (w + 1) * groups, cell2 = cell3 + groups;
+  // Where each cell's samples start, and how many samples the cells up to
+  // and including it hold.
+  const unsigned first0 = starts[cell0], first1 = starts[cell1], first2 = starts[cell2],
+                 first3 = starts[cell3];
+  const unsigned upto0 = starts[cell0 + 1] - first0, upto1 = upto0 + starts[cell1 + 1] - first1,
+                 upto2 = upto1 + starts[cell2 + 1] - first2, total = upto2 + starts[cell3 + 1] - first3;
   const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const unsigned taps = static_cast<unsigned>(s.taps());
   const int tap_bits = TapBits(taps);
@@ -213,57 +220,57 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
       }
     };
+    // The sub-warp reads L samples at once, each lane making its sample's
+    // weight at its corner (mask * bilinear weight), and shuffles hand both
+    // out, so the grad_y loads of consecutive samples do not wait on each
+    // sample's own loads. The four cells' samples are one sequence (corner
+    // 0's, then 1's, 2's and 3's, each in sorted order): a batch of L spans
+    // cells, where a batch per cell left most lanes idle (a 3x3 cell holds
+    // about 9 samples).
+    for (unsigned a0 = 0; a0 < total; a0 += L) {
+      unsigned mine = 0;
+      A mine_scale = A(0);
+      if (a0 + lane < total) {
+        const unsigned v = a0 + lane;
+        const int corner = (v >= upto0) + (v >= upto1) + (v >= upto2);
+        const unsigned at = corner == 0   ? first0 + v
+                            : corner == 1 ? first1 + (v - upto0)
+                            : corner == 2 ? first2 + (v - upto1)
+                                          : first3 + (v - upto2);
+        mine = where[at];
+        const unsigned pixel = mine >> tap_bits, k = mine & tap_mask;
+        const SampleFracOf<A> f = fracs[(static_cast<int64_t>(pixel) * s.groups + g) * taps + k];
+        const A hy = A(1) - f.ly, hx = A(1) - f.lx;
+        const A wgt = corner == 0 ? hy * hx : corner == 1 ? hy * f.lx : corner == 2 ? f.ly * hx : f.ly * f.lx;
+        mine_scale = f.mask * wgt;
+      }
+      const int count = static_cast<int>(min(static_cast<unsigned>(L), total - a0));
 #pragma unroll 1
-    for (int corner = 0; corner < 4; ++corner) {
-      const unsigned cell = cell3 + (corner == 0   ? (w + 2) * groups
-                                     : corner == 1 ? (w + 1) * groups
-                                     : corner == 2 ? groups
-                                                   : 0u);
-      const unsigned begin = starts[cell], end = starts[cell + 1];
-      // The sub-warp reads L samples with one coalesced load, each lane makes
-      // its sample's weight at this corner (mask * bilinear weight), and
-      // shuffles hand both out, so the grad_y loads of consecutive samples do
-      // not wait on each sample's own loads; samples are still added in
-      // sorted order.
-      for (unsigned a0 = begin; a0 < end; a0 += L) {
-        unsigned mine = 0;
-        A mine_scale = A(0);
-        if (a0 + lane < end) {
-          mine = where[a0 + lane];
-          const unsigned pixel = mine >> tap_bits, k = mine & tap_mask;
-          const SampleFracOf<A> f = fracs[(static_cast<int64_t>(pixel) * s.groups + g) * taps + k];
-          const A hy = A(1) - f.ly, hx = A(1) - f.lx;
-          const A wgt = corner == 0 ? hy * hx : corner == 1 ? hy * f.lx : corner == 2 ? f.ly * hx : f.ly * f.lx;
-          mine_scale = f.mask * wgt;
-        }
-        const int count = static_cast<int>(min(static_cast<unsigned>(L), end - a0));
-#pragma unroll 1
-        for (int j = 0; j < count; ++j) {
-          const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
-          const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
-          const unsigned pixel = sample >> tap_bits, k = sample & tap_mask;
-          const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
-          if (V > 1 || m == 1) {
-            if (k != run_tap) {  // the same for the whole sub-warp
-              if (run_tap != taps) close_run();
-              run_tap = k;
-            }
-            A gv[R][V];
+      for (int j = 0; j < count; ++j) {
+        const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
+        const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
+        const unsigned pixel = sample >> tap_bits, k = sample & tap_mask;
+        const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
+        if (V > 1 || m == 1) {
+          if (k != run_tap) {  // the same for the whole sub-warp
+            if (run_tap != taps) close_run();
+            run_tap = k;
+          }
+          A gv[R][V];
 #pragma unroll
-            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+          for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
+          for (int r = 0; r < R; ++r) {
 #pragma unroll
-              for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
-            }
-          } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
-            const T* wk = weight + static_cast<int64_t>(k) * cm;
+            for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
+          }
+        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+          const T* wk = weight + static_cast<int64_t>(k) * cm;
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-              A sum = A(0);
-              for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
-              acc[r][0] += scale * sum;
-            }
+          for (int r = 0; r < R; ++r) {
+            A sum = A(0);
+            for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
+            acc[r][0] += scale * sum;
           }
         }
       }
