@@ -246,6 +246,7 @@ struct SamplePlan {
   int warps;       // warps per block (fewer with 3 vectors a lane: shared memory)
   int slices;      // channel slices of L * R * V channels per offset group
   int chunks;      // tap chunks of up to SampleTaps(rounds) taps
+  int chunk_taps;  // taps of the largest chunk: min(SampleTaps(rounds), taps)
   int mask_row;    // G * taps: a pixel's row of mask (of offset: twice that)
   int64_t pixels_per_block, blocks_x;
 };
@@ -382,6 +383,7 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   p.warps = SampleWarps(p.rounds);
   p.slices = static_cast<int>((vectors + p.lanes * p.rounds - 1) / (p.lanes * p.rounds));
   p.chunks = static_cast<int>((s.taps() + SampleTaps(p.rounds) - 1) / SampleTaps(p.rounds));
+  p.chunk_taps = static_cast<int>(std::min<int64_t>(SampleTaps(p.rounds), s.taps()));
   p.mask_row = static_cast<int>(s.mask_channels());
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t step = p.warps * (32 / p.lanes);  // pixels a block visits at once
@@ -398,9 +400,11 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
 
 template <typename A>
 inline size_t SampleSharedBytes(const SamplePlan& p) {
-  const int taps = SampleTaps(p.rounds);
-  return p.warps * (32 / p.lanes) * taps * sizeof(SampleTapOf<A>) +
-         taps * p.rounds * kSampleVec * p.warps * 32 * sizeof(A);
+  // Tap records for the kernel's whole chunk (it lays them out by its KC);
+  // grad_weight slots only for the taps a chunk has (3x3: 9 of 10), which
+  // keeps two 32 x 2 blocks within an SM's 164 KB shared-memory step.
+  return p.warps * (32 / p.lanes) * SampleTaps(p.rounds) * sizeof(SampleTapOf<A>) +
+         p.chunk_taps * p.rounds * kSampleVec * p.warps * 32 * sizeof(A);
 }
 
 // Two 8-warp blocks per SM (measured on an H200: faster than three with
@@ -450,8 +454,10 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
 
 #pragma unroll
   for (int t = 0; t < KC * R; ++t) {
+    if (t < kc * R) {  // slots exist for the chunk's taps only (SampleSharedBytes)
 #pragma unroll
-    for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
+      for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
+    }
   }
   // Lane l of a sub-warp makes the records of taps l, l + L, ... and loads
   // their offsets and mask one pixel ahead, so their latency hides behind the

@@ -118,11 +118,12 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 #pragma unroll
         for (int k = 0; k < KT; ++k) LoadVec<T, V>(weight + k * cm + c, w_reg[k]);
       }
-      if constexpr (MB == 1 && KT == 0) {
+      if constexpr (MB == 1 && KT == 0 && !std::is_same_v<T, __half>) {
         // Weights read per tap: two pixels a pass share each tap's weight
-        // load (and in 16-bit types its conversion), a fifth of the loads
-        // of a pixel's tap (four corners and the weights) and, in bfloat16,
-        // a fifth of its conversions.
+        // load (and in bfloat16 its conversion), a fifth of the loads of a
+        // pixel's tap (four corners and the weights) and, in bfloat16, a
+        // fifth of its conversions. (float16, whose conversions take more
+        // registers, then reloaded spills inside the tap loop.)
         const char* xc = reinterpret_cast<const char*>(x + c);
         for (int lp = threadIdx.x / lanes; lp < tg.pixels; lp += 2 * groups_of_pixels) {
           const int lp1 = lp + groups_of_pixels;

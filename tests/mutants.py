@@ -185,7 +185,7 @@ MUTANTS = [
     Mutant("CUDA: bfloat16 loads swap the halves of each word", "lib/cuda_common.cuh",
            "out[2 * i] = __uint_as_float(words[i] << 16);",
            "out[2 * i] = __uint_as_float(words[i] & 0xffff0000u);",
-           ("tests/test_api.py", "-m", "gpu", "-k", "half_precision"), cuda=True),
+           ("tests/test_api.py", "-m", "gpu", "-k", "half_precision and vector"), cuda=True),
     Mutant("CUDA: sample kernel's pixel cursor forgets the next row", "lib/cuda_backward.cu",
            "ox -= wo;\n      if (++oy == ho) oy = 0, ++image;", "ox -= wo;",
            ("tests/test_api.py", "-m", "gpu", "-k", "gradients_match"), cuda=True),
