@@ -43,8 +43,10 @@ TANGENT_PLATFORMS: frozenset[str] = frozenset(
     p for p, names in _REGISTERED.items() if TANGENT_TARGET in names)
 
 
-def cuda_backward_workspace_bytes(n, layout, dtype: str, deterministic: bool) -> int:
-    """Device workspace bytes the CUDA backward needs for batch n (a number)."""
+def cuda_backward_workspace_bytes(n, layout, params, dtype: str, deterministic: bool) -> int:
+    """Device workspace bytes the CUDA backward needs for batch n (a number) of
+    `layout` with `params`' geometry (the kernels' plan depends on both)."""
     return int(extension.cuda_backward_workspace_bytes(
         n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
+        *params.stride, *params.padding, *params.dilation,
         layout.groups, layout.multiplier, dtype, bool(deterministic)))

@@ -292,7 +292,7 @@ def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, det
     dtype = jnp.dtype(ctx.avals_in[0].dtype).name
 
     def nbytes(n):
-        return cuda_backward_workspace_bytes(n, layout, dtype, deterministic)
+        return cuda_backward_workspace_bytes(n, layout, params, dtype, deterministic)
 
     workspace = jax.core.ShapedArray((workspace_size(nbytes, layout.n),), jnp.uint8)
     return _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,

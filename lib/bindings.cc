@@ -66,10 +66,14 @@ NB_MODULE(_jax_deform, m) {
   m.def(
       "cuda_backward_workspace_bytes",
       [](int64_t n, int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, int64_t kh,
-         int64_t kw, int64_t groups, int64_t multiplier, const std::string& dtype,
-         bool deterministic) {
+         int64_t kw, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+         int64_t dil_h, int64_t dil_w, int64_t groups, int64_t multiplier,
+         const std::string& dtype, bool deterministic) {
+        // The whole geometry: the kernels' plan (hence the workspace) depends on it.
         jax_deform::ConvShape s{};
         s.n = n, s.h = h, s.w = w, s.c = c, s.ho = ho, s.wo = wo, s.kh = kh, s.kw = kw;
+        s.stride_h = stride_h, s.stride_w = stride_w, s.pad_h = pad_h, s.pad_w = pad_w;
+        s.dil_h = dil_h, s.dil_w = dil_w;
         s.groups = groups;
         s.multiplier = multiplier;
         const auto t = dtype == "float32"    ? jax_deform::Dtype::kF32
