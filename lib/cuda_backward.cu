@@ -683,11 +683,14 @@ bool UseGather(const ConvShape& s, bool deterministic) {
   if (!GatherFits(s)) return false;
   const int choice = GetTuning().grad_x;
   if (choice != 0) return choice == 2;
-  // Measured on an H200 (benchmarks/RESULTS.md): with 512 channels per group
-  // the gather beats atomics (whose read-modify-writes of a grad_x larger than
-  // L2 reach DRAM); at 64-128 channels its fixed cost (sort, one warp per
-  // input pixel) does not pay.
-  return s.channels_per_group() >= 256;
+  // Measured on an H100 (benchmarks/RESULTS.md): atomics into a grad_x that
+  // L2 holds beat the gather's fixed cost (sort, four kernels) at batch 1;
+  // above that, with 256+ channels a group, or 25+ taps (where the sample
+  // kernel without atomics is half the time), the gather wins; 3x3 at 64
+  // channels stays with atomics.
+  const int64_t grad_x_bytes = s.n * s.h * s.w * s.c * int64_t{sizeof(float)};
+  if (grad_x_bytes <= (int64_t{8} << 20)) return false;
+  return s.channels_per_group() >= 256 || s.taps() >= 25;
 }
 
 size_t SampleScratchBytes(const ConvShape& s, const SamplePlan& p);

@@ -21,15 +21,15 @@ constexpr int kThreads = 256;
 // 1, 2 and 3 it is, cells (y + 1, x + 1), (y + 1, x), (y, x + 1) and (y, x)
 // of the padded grid. A corner outside the image is nobody's destination, so
 // it is never read. One sort item a sample, where one a corner took four
-// times the items and 1.5 times the bytes an item.
+// times the items and 1.5 times the bytes an item. The gather walks a
+// destination's samples tap by tap (each tap's four cells' runs in corner
+// order), so that a tap's weights multiply the sum of all its samples once.
 __host__ __device__ int64_t Destinations(const ConvShape& s) { return s.n * s.h * s.w * s.groups; }
 __host__ __device__ int64_t Samples(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps(); }
 __host__ __device__ int64_t Cells(const ConvShape& s) { return s.n * (s.h + 1) * (s.w + 1) * s.groups; }
-// Sort keys: cell * taps + tap, so a cell's samples come tap by tap and the
-// gather multiplies by a tap's weights once per run of that tap rather than
-// once per sample (each sample then costs one grad_y load and one
-// multiply-add a channel). The key of samples outside the image, Cells *
-// taps, sorts last and is never read.
+// Sort keys: cell * taps + tap, so the samples of one (cell, tap) are one
+// run of the sorted order, found from its key alone. The key of samples
+// outside the image, Cells * taps, sorts last and is never read.
 __host__ __device__ int64_t OutsideKey(const ConvShape& s) { return Cells(s) * s.taps(); }
 
 // A sample's sorted value names it as (output pixel << TapBits) | tap: the
@@ -75,7 +75,7 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
     at += Align(bytes);
     return here;
   };
-  d.starts = take((Cells(s) + 1) * sizeof(unsigned));
+  d.starts = take((OutsideKey(s) + 1) * sizeof(unsigned));
   d.keys_in = take(samples * sizeof(unsigned));
   d.keys_out = take(samples * sizeof(unsigned));
   d.where_in = take(samples * sizeof(unsigned));
@@ -127,16 +127,16 @@ __global__ void SampleKeysKernel(ConvShape s, const T* __restrict__ offset, cons
   }
 }
 
-// starts[c] = the first sorted item whose key is c * taps or more, for c in
-// [0, cells]: cell c's samples are [starts[c], starts[c + 1]), and
-// starts[cells] is where the samples outside the image begin (their key,
-// OutsideKey, is cells * taps). One thread per cell, a binary search over
-// the sorted keys.
+// starts[k] = the first sorted item whose key is k or more, for k in
+// [0, OutsideKey]: the samples of key k (cell k / taps, tap k % taps) are
+// [starts[k], starts[k + 1]), and starts[OutsideKey] is where the samples
+// outside the image begin. One thread per key, a binary search over the
+// sorted keys (whatever the offsets, no thread walks more than log2 items).
 __global__ void SegmentStartsKernel(const unsigned* __restrict__ keys, unsigned count,
-                                    unsigned cells, unsigned taps, unsigned* __restrict__ starts) {
-  const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c > cells) return;
-  const unsigned want = c * taps;  // GatherFits: OutsideKey fits 32 bits
+                                    unsigned last_key, unsigned* __restrict__ starts) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (thread > last_key) return;
+  const unsigned want = static_cast<unsigned>(thread);  // GatherFits: OutsideKey fits 32 bits
   unsigned lo = 0, hi = count;
   while (lo < hi) {
     const unsigned mid = lo + (hi - lo) / 2;
@@ -146,13 +146,13 @@ __global__ void SegmentStartsKernel(const unsigned* __restrict__ keys, unsigned 
       hi = mid;
     }
   }
-  starts[c] = lo;
+  starts[want] = lo;
 }
 
 // One warp per destination, or for groups of 16 vectors or fewer one
 // sub-warp of L lanes (32 / L destinations a warp); each lane keeps R vectors
-// of V channels. The destination's four cells are read in corner order and
-// each cell's samples in sorted order: a fixed order of additions. Three
+// of V channels. The destination's samples are read tap by tap, a tap's four
+// cells in corner order, each cell's in sorted order: a fixed order of additions. Three
 // blocks per SM leave the registers to keep a sample's 2R loads in flight
 // (with more blocks the compiler serialized them).
 template <typename T, int V, int R, int L>
@@ -176,14 +176,14 @@ __global__ void __launch_bounds__(kThreads, 3)
   const unsigned px = static_cast<unsigned>(in_pixel) % w, row = static_cast<unsigned>(in_pixel) / w;
   const unsigned cell3 = ((row / h * (h + 1) + row % h) * (w + 1) + px) * groups + static_cast<unsigned>(g);
   const unsigned cell0 = cell3 + (w + 2) * groups, cell1 = cell3 + (w + 1) * groups, cell2 = cell3 + groups;
-  // Where each cell's samples start, and how many samples the cells up to
-  // and including it hold.
-  const unsigned first0 = starts[cell0], first1 = starts[cell1], first2 = starts[cell2],
-                 first3 = starts[cell3];
-  const unsigned upto0 = starts[cell0 + 1] - first0, upto1 = upto0 + starts[cell1 + 1] - first1,
-                 upto2 = upto1 + starts[cell2 + 1] - first2, total = upto2 + starts[cell3 + 1] - first3;
-  const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const unsigned taps = static_cast<unsigned>(s.taps());
+  // The lanes walk taps in chunks, each lane one (tap, corner) run of a chunk:
+  // lane i the run of tap chunk + i / 4 in the cell of corner i % 4. Chunks
+  // as even as the lanes allow (3x3 with 32 lanes: 5 + 4 taps, not 8 + 1).
+  const unsigned my_cell = (lane % 4) == 0 ? cell0 : (lane % 4) == 1 ? cell1 : (lane % 4) == 2 ? cell2 : cell3;
+  const unsigned my_key = my_cell * taps + static_cast<unsigned>(lane / 4);
+  const unsigned chunks = (4 * taps + L - 1) / L, chunk_taps = (taps + chunks - 1) / chunks;
+  const int64_t cg = s.channels_per_group(), m = s.multiplier, cm = s.out_channels();
   const int tap_bits = TapBits(taps);
   const unsigned tap_mask = (1u << tap_bits) - 1u;
   const int vectors = static_cast<int>(cg / V);
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     }
     // acc: the destination's sum; run: the current tap's sum of scale * grad_y,
     // multiplied by the tap's weights when the tap changes (samples come
-    // sorted by tap within a cell).
+    // tap by tap).
     A acc[R][V], run[R][V];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -220,57 +220,76 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
       }
     };
-    // The sub-warp reads L samples at once, each lane making its sample's
-    // weight at its corner (mask * bilinear weight), and shuffles hand both
-    // out, so the grad_y loads of consecutive samples do not wait on each
-    // sample's own loads. The four cells' samples are one sequence (corner
-    // 0's, then 1's, 2's and 3's, each in sorted order): a batch of L spans
-    // cells, where a batch per cell left most lanes idle (a 3x3 cell holds
-    // about 9 samples).
-    for (unsigned a0 = 0; a0 < total; a0 += L) {
-      unsigned mine = 0;
-      A mine_scale = A(0);
-      if (a0 + lane < total) {
-        const unsigned v = a0 + lane;
-        const int corner = (v >= upto0) + (v >= upto1) + (v >= upto2);
-        const unsigned at = corner == 0   ? first0 + v
-                            : corner == 1 ? first1 + (v - upto0)
-                            : corner == 2 ? first2 + (v - upto1)
-                                          : first3 + (v - upto2);
-        mine = where[at];
-        const unsigned pixel = mine >> tap_bits, k = mine & tap_mask;
-        const SampleFracOf<A> f = fracs[(static_cast<int64_t>(pixel) * s.groups + g) * taps + k];
-        const A hy = A(1) - f.ly, hx = A(1) - f.lx;
-        const A wgt = corner == 0 ? hy * hx : corner == 1 ? hy * f.lx : corner == 2 ? f.ly * hx : f.ly * f.lx;
-        mine_scale = f.mask * wgt;
+    // A chunk's runs are one sequence, tap-major (tap t's corner 0, 1, 2, 3
+    // runs, then t + 1's), each run in sorted order: a fixed order of
+    // additions, and a tap's samples of all four cells one sum. An exclusive
+    // scan of the run lengths places the runs; the sub-warp then reads L
+    // samples at once, each lane finding its run by a binary search over the
+    // lanes' run starts and making its sample's weight at its corner (mask *
+    // bilinear weight); shuffles hand both out, so the grad_y loads of
+    // consecutive samples do not wait on each sample's own loads.
+    for (unsigned t0 = 0; t0 < taps; t0 += chunk_taps) {
+      const bool in_chunk = static_cast<unsigned>(lane / 4) < min(chunk_taps, taps - t0);
+      const unsigned run_first = in_chunk ? starts[my_key + t0] : 0;
+      const unsigned run_length = in_chunk ? starts[my_key + t0 + 1] - run_first : 0;
+      unsigned run_end = run_length;  // inclusive scan over the sub-warp
+#pragma unroll
+      for (int d = 1; d < L; d *= 2) {
+        const unsigned y = __shfl_up_sync(lanes_mask, run_end, d, L);
+        if (lane >= d) run_end += y;
       }
-      const int count = static_cast<int>(min(static_cast<unsigned>(L), total - a0));
+      const unsigned run_begin = run_end - run_length;
+      const unsigned total = __shfl_sync(lanes_mask, run_end, L - 1, L);
+      for (unsigned a0 = 0; a0 < total; a0 += L) {
+        const unsigned item = a0 + lane;
+        // The last lane whose run begins at or before the item holds it (an
+        // empty run begins where the next one does, so it is never the last).
+        int holder = 0;
+#pragma unroll
+        for (int step = L / 2; step > 0; step /= 2) {
+          if (__shfl_sync(lanes_mask, run_begin, holder + step, L) <= item) holder += step;
+        }
+        const unsigned at = __shfl_sync(lanes_mask, run_first, holder, L) + item -
+                            __shfl_sync(lanes_mask, run_begin, holder, L);
+        unsigned mine = 0;
+        A mine_scale = A(0);
+        if (item < total) {
+          const int corner = holder % 4;
+          mine = where[at];
+          const unsigned pixel = mine >> tap_bits, k = mine & tap_mask;
+          const SampleFracOf<A> f = fracs[(static_cast<int64_t>(pixel) * s.groups + g) * taps + k];
+          const A hy = A(1) - f.ly, hx = A(1) - f.lx;
+          const A wgt = corner == 0 ? hy * hx : corner == 1 ? hy * f.lx : corner == 2 ? f.ly * hx : f.ly * f.lx;
+          mine_scale = f.mask * wgt;
+        }
+        const int count = static_cast<int>(min(static_cast<unsigned>(L), total - a0));
 #pragma unroll 1
-      for (int j = 0; j < count; ++j) {
-        const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
-        const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
-        const unsigned pixel = sample >> tap_bits, k = sample & tap_mask;
-        const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
-        if (V > 1 || m == 1) {
-          if (k != run_tap) {  // the same for the whole sub-warp
-            if (run_tap != taps) close_run();
-            run_tap = k;
-          }
-          A gv[R][V];
+        for (int j = 0; j < count; ++j) {
+          const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
+          const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
+          const unsigned pixel = sample >> tap_bits, k = sample & tap_mask;
+          const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
+          if (V > 1 || m == 1) {
+            if (k != run_tap) {  // the same for the whole sub-warp
+              if (run_tap != taps) close_run();
+              run_tap = k;
+            }
+            A gv[R][V];
 #pragma unroll
-          for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
+            for (int r = 0; r < R; ++r) {
 #pragma unroll
-            for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
-          }
-        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
-          const T* wk = weight + static_cast<int64_t>(k) * cm;
+              for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
+            }
+          } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+            const T* wk = weight + static_cast<int64_t>(k) * cm;
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            A sum = A(0);
-            for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
-            acc[r][0] += scale * sum;
+            for (int r = 0; r < R; ++r) {
+              A sum = A(0);
+              for (int64_t jj = 0; jj < m; ++jj) sum += ToF(wk[col[r] + jj]) * ToF(gy[col[r] + jj]);
+              acc[r][0] += scale * sum;
+            }
           }
         }
       }
@@ -335,7 +354,6 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   auto* where_in = reinterpret_cast<unsigned*>(scratch + d.where_in);
   auto* where_out = reinterpret_cast<unsigned*>(scratch + d.where_out);
   auto* fracs = reinterpret_cast<SampleFracOf<A>*>(scratch + d.fracs);
-  const int64_t cells = Cells(s);
   const int samples = static_cast<int>(Samples(s));
   const int64_t grid = std::min<int64_t>((Samples(s) + kThreads - 1) / kThreads, 1 << 20);
   SampleKeysKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, keys_in, where_in, fracs);
@@ -345,9 +363,9 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out, where_in,
                                         where_out, samples, 0, KeyBits(s), stream);
   if (err != cudaSuccess) return err;
-  SegmentStartsKernel<<<static_cast<unsigned>((cells + 1 + kThreads - 1) / kThreads), kThreads, 0,
-                        stream>>>(keys_out, static_cast<unsigned>(samples), static_cast<unsigned>(cells),
-                                  static_cast<unsigned>(s.taps()), starts);
+  const int64_t keys = OutsideKey(s) + 1;
+  SegmentStartsKernel<<<static_cast<unsigned>((keys + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      keys_out, static_cast<unsigned>(samples), static_cast<unsigned>(OutsideKey(s)), starts);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
   if (s.multiplier == 1 && s.channels_per_group() % kVec == 0) {
