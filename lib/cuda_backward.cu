@@ -683,14 +683,15 @@ bool UseGather(const ConvShape& s, bool deterministic) {
   if (!GatherFits(s)) return false;
   const int choice = GetTuning().grad_x;
   if (choice != 0) return choice == 2;
-  // Measured on an H100 (benchmarks/RESULTS.md): atomics into a grad_x that
-  // L2 holds beat the gather's fixed cost (sort, four kernels) at batch 1;
-  // above that, with 256+ channels a group, or 25+ taps (where the sample
-  // kernel without atomics is half the time), the gather wins; 3x3 at 64
-  // channels stays with atomics.
+  // Measured on an H100 (benchmarks/RESULTS.md, 8c7d04d): atomics into a
+  // grad_x that L2 holds beat the gather's fixed cost (sort, four kernels)
+  // at batch 1 (0.067 against 0.097 ms); above that the gather wins with
+  // 128+ channels a group (0.89 against 1.09 ms at 128) or 25+ taps (where
+  // the sample kernel without atomics takes half the time); 3x3 at 64-96
+  // channels stays with atomics (0.42 against 0.46 ms).
   const int64_t grad_x_bytes = s.n * s.h * s.w * s.c * int64_t{sizeof(float)};
   if (grad_x_bytes <= (int64_t{8} << 20)) return false;
-  return s.channels_per_group() >= 256 || s.taps() >= 25;
+  return s.channels_per_group() >= 128 || s.taps() >= 25;
 }
 
 size_t SampleScratchBytes(const ConvShape& s, const SamplePlan& p);
