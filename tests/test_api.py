@@ -4,6 +4,8 @@ marker, on a CUDA device."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,9 +166,11 @@ GRAD_CASES = [
     dict(kernel=(3, 5), stride=2, padding=((1, 2), (0, 3)), c=6, groups=2, multiplier=2),
     dict(c=4, groups=4, dilation=2, padding=2, with_mask=False),
     dict(kernel=(1, 1), padding=0, with_bias=False),
-    # The CUDA backward's paths by channel count: sorted-gather grad_x
-    # (C >= 256) or atomics (C = 96, 64), channel slices (C = 512: 4, 384: 3),
-    # idle lanes (C = 96), sub-warps of 16 lanes (C = 64), 7x7 in tap chunks.
+    # The CUDA backward's paths by channel count (grad_x by atomics here: the
+    # fast path takes the sorted gather only above 8 MiB of grad_x; the
+    # deterministic test below runs these cases through the gather), channel
+    # slices (C = 512: 4, 384: 3), idle lanes (C = 96), sub-warps of 16 lanes
+    # (C = 64), 7x7 in tap chunks.
     dict(n=1, h=6, w=5, c=512),
     dict(n=1, h=9, w=9, c=384, kernel=(7, 7), padding=3),
     dict(n=1, h=8, w=8, c=96, kernel=(7, 7), padding=3),
@@ -191,8 +195,7 @@ def _loss(conv, p, cotangent):
     return f
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
-def test_gradients_match_reference_autodiff(rng, device, case):
+def _check_gradients(rng, device, case, conv):
     p = make_problem(rng, **case)
     cotangent = rng.standard_normal(p.expected().shape)
     args32 = p.args(np.float32, device)
@@ -201,10 +204,24 @@ def test_gradients_match_reference_autodiff(rng, device, case):
     argnums = tuple(i for i, a in enumerate(args32) if a is not None)
     want = jax.grad(_loss(reference.deform_conv2d, p, cotangent), argnums)(*args64)
     cot32 = jax.device_put(jnp.asarray(cotangent, jnp.float32), device)
-    got = jax.jit(jax.grad(_loss(ffi_conv, p, cot32), argnums))(*args32)
+    got = jax.jit(jax.grad(_loss(conv, p, cot32), argnums))(*args32)
     for name, g, w in zip(["x", "offset", "weight", "mask", "bias"], got, want):
         assert g.dtype == jnp.float32
         assert rel_err(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
+def test_gradients_match_reference_autodiff(rng, device, case):
+    _check_gradients(rng, device, case, ffi_conv)
+
+
+# On the GPU the deterministic backward always takes the sorted gather for
+# grad_x (and the sample kernel without atomics): every variant of it (lanes
+# 4-32, vectors a lane 1-4, 7x7 and 5x5 tap chunks, groups) against float64.
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
+def test_deterministic_gradients_match_reference_autodiff(rng, case):
+    _check_gradients(rng, device_of("gpu"), case, functools.partial(ffi_conv, deterministic=True))
 
 
 def test_backward_writes_every_output(rng, device):
