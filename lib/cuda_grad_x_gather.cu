@@ -328,15 +328,19 @@ void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, cons
                                                                    starts, where, fracs, grad_x);
   };
   using std::integral_constant;
+  // Vectors a lane: 4 holds 80 registers in fp32 (3 blocks an SM), where
+  // the compiler issues a sample's first grad_y load apart from the other
+  // three; 2 walks the samples twice at 512 channels. gather_vectors picks.
+  const int most = GetTuning().gather_vectors > 0 ? GetTuning().gather_vectors : 4;
   if (vectors <= 4) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 4>{});
   } else if (vectors <= 8) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 8>{});
   } else if (vectors <= 16) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 16>{});
-  } else if (vectors <= 32) {
+  } else if (vectors <= 32 || most == 1) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 32>{});
-  } else if (vectors <= 64) {
+  } else if (vectors <= 64 || most == 2) {
     launch(integral_constant<int, 2>{}, integral_constant<int, 32>{});
   } else {
     launch(integral_constant<int, 4>{}, integral_constant<int, 32>{});
