@@ -7,13 +7,14 @@
 # the model layers' 96 and 144 channels), rounds (two channel vectors a lane
 # in the sample kernel), fit (the sample kernel's lanes and vectors a lane
 # fitted to the group, with the forward's lanes, at the model layers), scatter
-# (the gather path's sample kernel with or without the atomics compiled in).
+# (the gather path's sample kernel with or without the atomics compiled in),
+# gather (vectors a lane in the gather).
 # Variants are picked with
 # JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
-sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter}
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter gather}
 want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
@@ -87,6 +88,20 @@ if want scatter; then
     bench "scatter_${v:-default}" "$v" --shape 16,64,64,512 --shape 16,32,32,512 --shape 8,128,128,128 \
       --dtype float32 --dtype bfloat16 "${bwd[@]}"
   done
+fi
+if want gather; then
+  # Vectors a lane in the gather (deterministic rows, and the fast path where
+  # it takes the gather): 4 (default above 64 vectors), 2, 1; checked by the
+  # GPU tests with the key set.
+  for v in "" gather_vectors=2 gather_vectors=1; do
+    bench "gather_${v:-default}" "$v" --shape 16,64,64,512 --shape 16,32,32,512 \
+      --dtype float32 --dtype bfloat16 "${bwd[@]}"
+    bench "gather7_${v:-default}" "$v" --shape 32,14,14,384 --kernel 7 --dtype float32 \
+      --only jax_deform --mode fwd+bwd
+  done
+  JAX_DEFORM_CUDA_TUNING=gather_vectors=2 timeout 200 python3 -m pytest -q -m gpu \
+    tests/test_api.py tests/test_determinism.py -k "gradients_match or bitwise" > "$out/gather_tests.log" 2>&1
+  tail -1 "$out/gather_tests.log"
 fi
 python3 - "$out" <<'PY'
 import json, sys, glob, os, re
