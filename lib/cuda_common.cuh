@@ -340,7 +340,7 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
 // forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,sample_rounds=2,sample_fit=1,
-// backward_kernel=1,grad_x=gather,gather_vectors=2" (unset: the defaults below,
+// backward_kernel=1,grad_x=gather,gather_vectors=1" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
   int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
@@ -353,7 +353,7 @@ struct Tuning {
   int sample_no_scatter = -1;            // 0: the gather path runs the variant with atomics compiled in
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
-  int gather_vectors = 0;                // most vectors a lane in the gather (1, 2, 4); 0: default
+  int gather_vectors = 0;                // 1: one vector a lane in the gather; 0: default (up to 2)
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
 };
 

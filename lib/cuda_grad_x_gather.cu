@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int tap_bits = TapBits(taps);
   const unsigned tap_mask = (1u << tap_bits) - 1u;
   const int vectors = static_cast<int>(cg / V);
+  constexpr int U = 4 / R;  // samples whose loads are in flight together (R <= 2)
   for (int base = 0; base < vectors; base += L * R) {
     // Where this lane's R vectors sit in a row of grad_y and weight. Lanes past
     // the group's channels read the last vector and never store it, so every
@@ -263,27 +264,58 @@ __global__ void __launch_bounds__(kThreads, 3)
           mine_scale = f.mask * wgt;
         }
         const int count = static_cast<int>(min(static_cast<unsigned>(L), total - a0));
-#pragma unroll 1
-        for (int j = 0; j < count; ++j) {
-          const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
-          const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
-          const unsigned pixel = sample >> tap_bits, k = sample & tap_mask;
-          const T* gy = grad_y + static_cast<int64_t>(pixel) * cm;
-          if (V > 1 || m == 1) {
+        if (V > 1 || m == 1) {
+          // U samples a step, their grad_y loads issued together before any is
+          // added: with one sample's R loads at a time (R = 1 at <= 128 fp32
+          // channels) each warp waited a whole memory latency a sample. Whole
+          // steps only (a conditional addition let the compiler sink its load
+          // into the branch), then the batch's last count % U samples one by
+          // one, in the sequence's order throughout.
+          auto add = [&](unsigned sample, A scale, const A (&gv)[R][V]) {
+            const unsigned k = sample & tap_mask;
             if (k != run_tap) {  // the same for the whole sub-warp
               if (run_tap != taps) close_run();
               run_tap = k;
             }
-            A gv[R][V];
-#pragma unroll
-            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
 #pragma unroll
               for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
             }
-          } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
-            const T* wk = weight + static_cast<int64_t>(k) * cm;
+          };
+          int j = 0;
+#pragma unroll 1
+          for (; j + U <= count; j += U) {
+            unsigned sample[U];
+            A scale[U], gv[U][R][V];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              sample[u] = __shfl_sync(lanes_mask, mine, j + u, L);
+              scale[u] = __shfl_sync(lanes_mask, mine_scale, j + u, L);
+              const T* gy = grad_y + static_cast<int64_t>(sample[u] >> tap_bits) * cm;
+#pragma unroll
+              for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[u][r]);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) add(sample[u], scale[u], gv[u]);
+          }
+#pragma unroll 1
+          for (; j < count; ++j) {
+            const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
+            const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
+            const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * cm;
+            A gv[R][V];
+#pragma unroll
+            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+            add(sample, scale, gv);
+          }
+        } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
+#pragma unroll 1
+          for (int j = 0; j < count; ++j) {
+            const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
+            const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
+            const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * cm;
+            const T* wk = weight + static_cast<int64_t>(sample & tap_mask) * cm;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
               A sum = A(0);
@@ -328,22 +360,21 @@ void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, cons
                                                                    starts, where, fracs, grad_x);
   };
   using std::integral_constant;
-  // Vectors a lane: 4 holds 80 registers in fp32 (3 blocks an SM), where
-  // the compiler issues a sample's first grad_y load apart from the other
-  // three; 2 walks the samples twice at 512 channels. gather_vectors picks.
-  const int most = GetTuning().gather_vectors > 0 ? GetTuning().gather_vectors : 4;
+  // At most 2 vectors a lane (a group of more than 64 is walked in slices),
+  // so that the loads of two samples are in flight together: with 4, 80
+  // registers (three blocks an SM) left room for one sample's, and ptxas
+  // issued its first load apart from the other three. gather_vectors=1: one.
+  const bool one = GetTuning().gather_vectors == 1;
   if (vectors <= 4) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 4>{});
   } else if (vectors <= 8) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 8>{});
   } else if (vectors <= 16) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 16>{});
-  } else if (vectors <= 32 || most == 1) {
+  } else if (vectors <= 32 || one) {
     launch(integral_constant<int, 1>{}, integral_constant<int, 32>{});
-  } else if (vectors <= 64 || most == 2) {
-    launch(integral_constant<int, 2>{}, integral_constant<int, 32>{});
   } else {
-    launch(integral_constant<int, 4>{}, integral_constant<int, 32>{});
+    launch(integral_constant<int, 2>{}, integral_constant<int, 32>{});
   }
 }
 
