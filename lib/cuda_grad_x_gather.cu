@@ -1,6 +1,7 @@
 // grad_x by gather over samples sorted by their top-left corner (see the header).
 #include "cuda_grad_x_gather.h"
 
+#include <algorithm>
 #include <cub/cub.cuh>
 #include <limits>
 
@@ -187,7 +188,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int tap_bits = TapBits(taps);
   const unsigned tap_mask = (1u << tap_bits) - 1u;
   const int vectors = static_cast<int>(cg / V);
-  constexpr int U = 4 / R;  // samples whose loads are in flight together (R <= 2)
+  // Samples whose loads are in flight together (R <= 2): 4 vectors' worth,
+  // at most 16 converted values (more spilled the 16-bit types' registers).
+  constexpr int U = std::max(1, std::min(4 / R, 16 / (R * V)));
   for (int base = 0; base < vectors; base += L * R) {
     // Where this lane's R vectors sit in a row of grad_y and weight. Lanes past
     // the group's channels read the last vector and never store it, so every
@@ -299,15 +302,17 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
             for (int u = 0; u < U; ++u) add(sample[u], scale[u], gv[u]);
           }
+          if constexpr (U > 1) {
 #pragma unroll 1
-          for (; j < count; ++j) {
-            const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
-            const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
-            const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * cm;
-            A gv[R][V];
+            for (; j < count; ++j) {
+              const unsigned sample = __shfl_sync(lanes_mask, mine, j, L);
+              const A scale = __shfl_sync(lanes_mask, mine_scale, j, L);
+              const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * cm;
+              A gv[R][V];
 #pragma unroll
-            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
-            add(sample, scale, gv);
+              for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+              add(sample, scale, gv);
+            }
           }
         } else {  // depth multiplier: output channels c*M .. c*M + M-1 read channel c
 #pragma unroll 1
