@@ -85,6 +85,22 @@ __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T*
   }
 }
 
+// The sample value of one tap for V channels at xc: its corners inside the
+// image, each times its bilinear weight (corners outside add nothing).
+template <typename T, int V, typename A, typename Tap>
+__device__ __forceinline__ void TapValue(const char* xc, const Tap t, A (&val)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) val[v] = A(0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (t.start[i] < 0) continue;
+    A corner[V];
+    LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
+#pragma unroll
+    for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
+  }
+}
+
 // MB: output channels per input channel handled per pass (M > 1 runs in
 // passes). KT: the tap count when known at compile time (3x3), so the
 // depthwise weights of a thread's channels stay in registers.
@@ -143,18 +159,8 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
               if (pixel[q] < 0) continue;
-              const Tap t = tt[q][k];
               A val[V];
-#pragma unroll
-              for (int v = 0; v < V; ++v) val[v] = A(0);
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                if (t.start[i] < 0) continue;
-                A corner[V];
-                LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
-#pragma unroll
-                for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
-              }
+              TapValue<T, V>(xc, tt[q][k], val);
 #pragma unroll
               for (int v = 0; v < V; ++v) acc[q][v] += val[v] * wv[v];
             }
@@ -182,18 +188,8 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
           const Tap* tt = tap_table + lp * taps;
 #pragma unroll(KT > 0 ? KT : 3)
           for (int k = 0; k < taps; ++k) {
-            const Tap t = tt[k];
             A val[V];
-#pragma unroll
-            for (int v = 0; v < V; ++v) val[v] = A(0);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              if (t.start[i] < 0) continue;
-              A corner[V];
-              LoadVec<T, V>(reinterpret_cast<const T*>(xc + t.start[i]), corner);
-#pragma unroll
-              for (int v = 0; v < V; ++v) val[v] += t.weight[i] * corner[v];
-            }
+            TapValue<T, V>(xc, tt[k], val);
             if constexpr (MB == 1) {
               A wv[V];
               if constexpr (KT > 0) {
