@@ -169,7 +169,7 @@ GRAD_CASES = [
     # The CUDA backward's paths by channel count (grad_x by atomics here: the
     # fast path takes the sorted gather only above 8 MiB of grad_x; the
     # deterministic test below runs these cases through the gather), channel
-    # slices (C = 512: 4, 384: 3), idle lanes (C = 96), sub-warps of 16 lanes
+    # slices (C = 512 and 384: two vectors a lane, two slices), idle lanes (C = 96), sub-warps of 16 lanes
     # (C = 64), 7x7 in tap chunks.
     dict(n=1, h=6, w=5, c=512),
     dict(n=1, h=9, w=9, c=384, kernel=(7, 7), padding=3),
@@ -217,7 +217,7 @@ def test_gradients_match_reference_autodiff(rng, device, case):
 
 # On the GPU the deterministic backward always takes the sorted gather for
 # grad_x (and the sample kernel without atomics): every variant of it (lanes
-# 4-32, vectors a lane 1-4, 7x7 and 5x5 tap chunks, groups) against float64.
+# 4-32, vectors a lane 1-2, 7x7 and 5x5 tap chunks, groups) against float64.
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
 def test_deterministic_gradients_match_reference_autodiff(rng, case):
