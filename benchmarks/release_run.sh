@@ -28,7 +28,7 @@ if want multi_gpu; then  # builds again (quick: nothing changed) as it does stan
   step multi_gpu 220 bash benchmarks/multi_gpu_run.sh "$out/logs/multi_gpu"
   grep -E "passed|failed|img/s|all-reduce|upstream" "$out/logs/multi_gpu.log" | tail -12
 fi
-export CUDA_VISIBLE_DEVICES=0
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}  # one GPU: the first the caller names
 if want gpu_tests; then
   step gpu_tests 200 env JAX_DEFORM_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_api.py \
     tests/test_determinism.py tests/test_gradients.py tests/test_float64.py tests/test_install.py

@@ -241,6 +241,7 @@ __device__ __forceinline__ void ReduceScatter(A (&a)[kSampleSums], int lane) {
 }
 
 struct SamplePlan {
+  int vec;         // V: channels a lane reads at once (4; 8 for 16-bit types)
   int lanes;       // L: lanes per pixel (8, 16 or 32)
   int rounds;      // R: channel vectors per lane (1, 2 or 3)
   int warps;       // warps per block (fewer with 3 vectors a lane: shared memory)
@@ -322,6 +323,17 @@ inline bool SampleKernelFits(const ConvShape& s, bool wide) {
          x_bytes <= INT32_MAX && PositionsFit(s);
 }
 
+// Channels a lane reads at once: 4, or for 16-bit types 8 (one 16-byte load
+// rather than two of 8 bytes, so half the load and address instructions a
+// channel: at 4 the bfloat16 kernel, issue-bound, ran slower than float32's)
+// where the group's channels come in eights, more than 64 of them (16 lanes
+// or more: the 8-lane variant spilled, and at 64 channels 16 lanes of 4
+// take as many loads). Only one vector a lane then.
+inline int SampleVecFor(const ConvShape& s, size_t elem_bytes) {
+  const int64_t cg = s.channels_per_group();
+  return elem_bytes == 2 && cg % 8 == 0 && cg > 64 && GetTuning().sample_vec != 4 ? 8 : 4;
+}
+
 // The (lanes, vectors a lane) pairs the sample kernel is built for.
 // (8 or 16 lanes with 2 vectors: never the fit below, and they spill.)
 constexpr int kSampleShapes[][2] = {{8, 1}, {16, 1}, {32, 1}, {32, 2}, {8, 3}, {16, 3}, {32, 3}};
@@ -359,9 +371,10 @@ inline int64_t FitSampleLanes(int64_t vectors, int min_lanes, int& lanes, int& r
 // channels: one slice of 16 x 3 instead of 2 x 32 lanes, 4-7%); 8 lanes x 3
 // for 96 channels and 3 vectors a lane at 192 and 384 channels were slower
 // (tuning key sample_fit=1 forces the fit over 8 lanes and up).
-inline SamplePlan MakeSamplePlan(const ConvShape& s) {
+inline SamplePlan MakeSamplePlan(const ConvShape& s, int vec) {
   SamplePlan p;
-  const int64_t vectors = s.channels_per_group() / kSampleVec;
+  p.vec = vec;
+  const int64_t vectors = s.channels_per_group() / vec;
   const Tuning& tune = GetTuning();
   p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
   p.rounds = p.lanes == 32 && vectors % 64 == 0 ? 2 : 1;
@@ -379,7 +392,10 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s) {
   if (tune.sample_rounds > 0) p.rounds = std::max(1, std::min(3, tune.sample_rounds));
   // No more vectors a lane than the group needs.
   while (p.rounds > 1 && (p.rounds - 1) * p.lanes >= vectors) --p.rounds;
-  if (!SampleShapeBuilt(p.lanes, p.rounds)) p.rounds = 1;
+  // 8-channel vectors: one a lane (their corners alone fill 32 registers),
+  // 16 lanes or more.
+  if (vec == 8) p.lanes = std::max(16, p.lanes);
+  if (vec == 8 || !SampleShapeBuilt(p.lanes, p.rounds)) p.rounds = 1;
   p.warps = SampleWarps(p.rounds);
   p.slices = static_cast<int>((vectors + p.lanes * p.rounds - 1) / (p.lanes * p.rounds));
   p.chunks = static_cast<int>((s.taps() + SampleTaps(p.rounds) - 1) / SampleTaps(p.rounds));
@@ -404,7 +420,7 @@ inline size_t SampleSharedBytes(const SamplePlan& p) {
   // grad_weight slots only for the taps a chunk has (3x3: 9 of 10), which
   // keeps two 32 x 2 blocks within an SM's 164 KB shared-memory step.
   return p.warps * (32 / p.lanes) * SampleTaps(p.rounds) * sizeof(SampleTapOf<A>) +
-         p.chunk_taps * p.rounds * kSampleVec * p.warps * 32 * sizeof(A);
+         p.chunk_taps * p.rounds * p.vec * p.warps * 32 * sizeof(A);
 }
 
 // Two 8-warp blocks per SM (measured on an H200: faster than three with
@@ -413,7 +429,8 @@ inline size_t SampleSharedBytes(const SamplePlan& p) {
 // kMayScatter: false builds the variant for the gather path, without the
 // grad_x atomics (a quarter of the loop's code: 2853 instructions against
 // 3841 at 32 x 2, so less for the instruction cache to hold).
-template <typename T, int L, int R, bool kMayScatter = true>
+// V: channels a vector (SampleVecFor).
+template <typename T, int L, int R, bool kMayScatter = true, int V = kSampleVec>
 __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
     BackwardSampleKernel(ConvShape s, SamplePlan plan, bool scatter, const T* __restrict__ x,
                          const T* __restrict__ offset, const T* __restrict__ mask,
@@ -422,7 +439,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
                          Accum<T>* __restrict__ grad_mask, Accum<T>* __restrict__ slice_partial,
                          Accum<T>* __restrict__ weight_partial) {
   using A = Accum<T>;
-  constexpr int V = kSampleVec, KC = SampleTaps(R), kSub = 32 / L, kPer = kSampleSums / L;
+  constexpr int KC = SampleTaps(R), kSub = 32 / L, kPer = kSampleSums / L;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   SampleTapOf<A>* geo = reinterpret_cast<SampleTapOf<A>*>(smem) + (warp * kSub + sub) * KC;
@@ -699,8 +716,8 @@ bool UseSampleKernel(const ConvShape& s, bool wide);
 
 // Scratch of the kernel that computes grad_offset, grad_mask and grad_weight;
 // the gather's scratch follows it.
-size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide) {
-  if (UseSampleKernel(s, wide)) return SampleScratchBytes(s, MakeSamplePlan(s));
+size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide, size_t elem_bytes) {
+  if (UseSampleKernel(s, wide)) return SampleScratchBytes(s, MakeSamplePlan(s, SampleVecFor(s, elem_bytes)));
   return WeightPartialBytes(s, p, wide ? sizeof(double) : sizeof(float));
 }
 
@@ -742,7 +759,15 @@ SampleFn<T> SampleKernelAt(int lanes, int rounds, std::integer_sequence<int, I..
 // channels or more, the gather's default) the variant without atomics,
 // unless a tuning run asks for the other (sample_no_scatter=0).
 template <typename T>
-SampleFn<T> SampleKernelFor(int lanes, int rounds, bool gather) {
+SampleFn<T> SampleKernelFor(int lanes, int rounds, bool gather, int vec) {
+  if constexpr (sizeof(T) == 2) {
+    if (vec == 8) {  // one vector a lane (MakeSamplePlan)
+      if (gather && lanes == 32 && GetTuning().sample_no_scatter != 0) {
+        return BackwardSampleKernel<T, 32, 1, false, 8>;
+      }
+      return lanes == 16 ? BackwardSampleKernel<T, 16, 1, true, 8> : BackwardSampleKernel<T, 32, 1, true, 8>;
+    }
+  }
   if (gather && lanes == 32 && GetTuning().sample_no_scatter != 0) {
     if (rounds == 1) return BackwardSampleKernel<T, 32, 1, false>;
     if (rounds == 2) return BackwardSampleKernel<T, 32, 2, false>;
@@ -757,10 +782,10 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
                               const T* offset, const T* mask, const T* weight, const T* grad_y,
                               float* grad_x, float* grad_offset, float* grad_mask,
                               float* grad_weight, unsigned char* scratch) {
-  const SamplePlan p = MakeSamplePlan(s);
+  const SamplePlan p = MakeSamplePlan(s, SampleVecFor(s, sizeof(T)));
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
-  const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds, gather);
+  const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds, gather, p.vec);
   const dim3 grid(static_cast<unsigned>(p.blocks_x), static_cast<unsigned>(s.groups * p.slices),
                   static_cast<unsigned>(p.chunks));
   const size_t smem = SampleSharedBytes<float>(p);
@@ -801,7 +826,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   if (gather) {
     // The gather writes every element of grad_x; the atomics add into a cleared one.
     err = GradXByGather(stream, DtypeOf<T>(), s, offset, mask, weight, grad_y, grad_x,
-                        static_cast<unsigned char*>(scratch) + KernelScratchBytes(s, p, kWide));
+                        static_cast<unsigned char*>(scratch) + KernelScratchBytes(s, p, kWide, sizeof(T)));
   } else {
     err = cudaMemsetAsync(grad_x, 0, s.n * s.h * s.w * s.c * sizeof(A), stream);
   }
@@ -839,7 +864,7 @@ bool DeterministicBackwardFits(const ConvShape& s) { return GatherFits(s); }
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic) {
   const bool wide = dtype == Dtype::kF64;
   const Plan p = MakePlan(s, VecOf(dtype), wide);
-  return KernelScratchBytes(s, p, wide) + (UseGather(s, deterministic) ? GatherScratchBytes(s, wide) : 0);
+  return KernelScratchBytes(s, p, wide, 16 / VecOf(dtype)) + (UseGather(s, deterministic) ? GatherScratchBytes(s, wide) : 0);
 }
 
 cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,

@@ -339,7 +339,7 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 }
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
-// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,sample_rounds=2,sample_fit=1,
+// forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,sample_rounds=2,sample_fit=1,sample_vec=4,
 // backward_kernel=1,grad_x=gather,gather_vectors=1" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
@@ -350,6 +350,7 @@ struct Tuning {
   int sample_lanes = 0;                  // sample kernel lanes a pixel (8, 16, 32); 0: default
   int sample_rounds = 0;                 // sample kernel vectors a lane (1-3); 0: default
   int sample_fit = 0;                    // 1: sample kernel lanes and vectors fitted to the group
+  int sample_vec = 0;                    // 4: 16-bit types' sample kernel reads 4 channels a load, not 8
   int sample_no_scatter = -1;            // 0: the gather path runs the variant with atomics compiled in
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
@@ -374,6 +375,7 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("sample_lanes=")) t.sample_lanes = FloorPow2(std::max(1, std::atoi(v)));
   if (const char* v = value("sample_rounds=")) t.sample_rounds = std::atoi(v);
   if (const char* v = value("sample_fit=")) t.sample_fit = std::atoi(v);
+  if (const char* v = value("sample_vec=")) t.sample_vec = std::atoi(v);
   if (const char* v = value("sample_no_scatter=")) t.sample_no_scatter = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("gather_vectors=")) t.gather_vectors = std::atoi(v);

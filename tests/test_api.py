@@ -92,10 +92,22 @@ def test_nchw_matches_nhwc(rng, device):
     assert rel_err(jnp.transpose(y, (0, 2, 3, 1)), p.expected()) < 1e-5
 
 
+# Above 64 channels a group the CUDA sample kernel reads 8 16-bit channels a
+# load where float32 reads 4, so its channel sums (grad_offset, grad_mask) and
+# pixel sums (grad_weight) run in another order than the float32 kernel's.
+REORDERED = ("offset", "weight", "mask")
+
+
 @pytest.mark.parametrize("case", [
     dict(c=8, groups=2, multiplier=2),  # the CUDA kernels' scalar paths
     dict(c=64, groups=2),  # their vector loads (8 bfloat16 a load) and the sample kernel
-], ids=["scalar", "vector"])
+    # The sample kernel at 8 channels a load: 32 lanes with 24 busy; 16 lanes
+    # a pixel (two pixels a warp) with 7x7 taps in chunks; three channel
+    # slices, the last partial.
+    dict(n=1, h=6, w=5, c=192),
+    dict(n=1, h=7, w=6, c=96, kernel=(7, 7), padding=3),
+    dict(n=1, h=5, w=4, c=640),
+], ids=["scalar", "vector", "sample8-idle-lanes", "sample8-16-lanes-7x7", "sample8-slices"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_is_the_float32_result_rounded(rng, device, dtype, case):
     # Inputs exactly representable in dtype: the kernel reads them, computes in
@@ -118,9 +130,13 @@ def test_half_precision_is_the_float32_result_rounded(rng, device, dtype, case):
         c = jax.device_put(cot.astype(dt), device)
         return jax.vjp(lambda *a: ffi_conv(*a, **p.kwargs()), *args)[1](c)
 
+    reordered = p.x.shape[-1] // case.get("groups", 1) > 64
     for name, g, g32 in zip(["x", "offset", "weight", "mask", "bias"],
                             grads(dtype), grads(np.float32)):
-        assert_rounded_from(g, g32, dtype, what=f"grad_{name}")
+        # Another order of float32 additions: off by ~1e-7 of the summands,
+        # far below a 16-bit ulp, except where a sum cancels to near zero.
+        atol = 1e-5 * float(np.max(np.abs(g32))) if reordered and name in REORDERED else 0.0
+        assert_rounded_from(g, g32, dtype, what=f"grad_{name}", atol=atol)
 
 
 def test_lowers_to_the_custom_call(rng):
