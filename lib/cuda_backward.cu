@@ -328,10 +328,17 @@ inline bool SampleKernelFits(const ConvShape& s, bool wide) {
 // channel: at 4 the bfloat16 kernel, issue-bound, ran slower than float32's)
 // where the group's channels come in eights, more than 64 of them (16 lanes
 // or more: the 8-lane variant spilled, and at 64 channels 16 lanes of 4
-// take as many loads). Only one vector a lane then.
-inline int SampleVecFor(const ConvShape& s, size_t elem_bytes) {
+// take as many loads), and grad_x comes from the gather. Only one vector a
+// lane then. Measured on an H100 (benchmarks/RESULTS.md, ffaeb14), bf16
+// fwd+bwd kernel ms, 4 -> 8: 1.312 -> 1.262 at (16, 64, 64, 512), 0.891 ->
+// 0.820 at (8, 128, 128, 128), 3.140 -> 2.852 and 1.309 -> 1.181 at 7x7 with
+// 96 and 192 channels. With grad_x by atomics a lane's 8 channels took two
+// 16-byte atomics 32 bytes apart across the warp, twice the L2 sector
+// operations: the sample kernel went 0.683 -> 1.092 ms (3x3 stride 2, 96
+// channels) and 0.042 -> 0.073 (batch 1, 512 channels).
+inline int SampleVecFor(const ConvShape& s, size_t elem_bytes, bool gather) {
   const int64_t cg = s.channels_per_group();
-  return elem_bytes == 2 && cg % 8 == 0 && cg > 64 && GetTuning().sample_vec != 4 ? 8 : 4;
+  return elem_bytes == 2 && gather && cg % 8 == 0 && cg > 64 && GetTuning().sample_vec != 4 ? 8 : 4;
 }
 
 // The (lanes, vectors a lane) pairs the sample kernel is built for.
@@ -716,8 +723,11 @@ bool UseSampleKernel(const ConvShape& s, bool wide);
 
 // Scratch of the kernel that computes grad_offset, grad_mask and grad_weight;
 // the gather's scratch follows it.
-size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide, size_t elem_bytes) {
-  if (UseSampleKernel(s, wide)) return SampleScratchBytes(s, MakeSamplePlan(s, SampleVecFor(s, elem_bytes)));
+size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide, size_t elem_bytes,
+                          bool gather) {
+  if (UseSampleKernel(s, wide)) {
+    return SampleScratchBytes(s, MakeSamplePlan(s, SampleVecFor(s, elem_bytes, gather)));
+  }
   return WeightPartialBytes(s, p, wide ? sizeof(double) : sizeof(float));
 }
 
@@ -782,7 +792,7 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
                               const T* offset, const T* mask, const T* weight, const T* grad_y,
                               float* grad_x, float* grad_offset, float* grad_mask,
                               float* grad_weight, unsigned char* scratch) {
-  const SamplePlan p = MakeSamplePlan(s, SampleVecFor(s, sizeof(T)));
+  const SamplePlan p = MakeSamplePlan(s, SampleVecFor(s, sizeof(T), gather));
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
   const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds, gather, p.vec);
@@ -826,7 +836,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   if (gather) {
     // The gather writes every element of grad_x; the atomics add into a cleared one.
     err = GradXByGather(stream, DtypeOf<T>(), s, offset, mask, weight, grad_y, grad_x,
-                        static_cast<unsigned char*>(scratch) + KernelScratchBytes(s, p, kWide, sizeof(T)));
+                        static_cast<unsigned char*>(scratch) + KernelScratchBytes(s, p, kWide, sizeof(T), gather));
   } else {
     err = cudaMemsetAsync(grad_x, 0, s.n * s.h * s.w * s.c * sizeof(A), stream);
   }
@@ -864,7 +874,9 @@ bool DeterministicBackwardFits(const ConvShape& s) { return GatherFits(s); }
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic) {
   const bool wide = dtype == Dtype::kF64;
   const Plan p = MakePlan(s, VecOf(dtype), wide);
-  return KernelScratchBytes(s, p, wide, 16 / VecOf(dtype)) + (UseGather(s, deterministic) ? GatherScratchBytes(s, wide) : 0);
+  const bool gather = UseGather(s, deterministic);
+  return KernelScratchBytes(s, p, wide, 16 / VecOf(dtype), gather) +
+         (gather ? GatherScratchBytes(s, wide) : 0);
 }
 
 cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,
