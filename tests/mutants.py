@@ -216,8 +216,10 @@ MUTANTS = [
            "if (__shfl_sync(lanes_mask, run_begin, holder + step, L) <= item) holder += step;",
            "if (__shfl_sync(lanes_mask, run_begin, holder + step, L) < item) holder += step;",
            ("tests/test_determinism.py", "-m", "gpu"), cuda=True),
-    Mutant("CUDA: gather's tail loop (after whole steps) drops a batch's last sample",
-           "lib/cuda_grad_x_gather.cu", "for (; j < count; ++j) {", "for (; j + 1 < count; ++j) {",
+    Mutant("CUDA: gather's sample-by-sample loop (one vector a lane in fp32; after whole steps) "
+           "drops a batch's last sample",
+           "lib/cuda_grad_x_gather.cu", "for (; j < count; ++j) one_sample(j);",
+           "for (; j + 1 < count; ++j) one_sample(j);",
            ("tests/test_determinism.py", "tests/test_api.py", "-m", "gpu", "-k",
             "bitwise or deterministic_gradients"), cuda=True),
     Mutant("CUDA: gather's tap chunks skip the tap after each chunk", "lib/cuda_grad_x_gather.cu",
