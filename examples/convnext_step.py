@@ -4,7 +4,7 @@ plain 7x7 depthwise convs, and with `jax_deform.nnx.DeformConv` in every block.
     python examples/convnext_step.py --device gpu --dtype bfloat16     # 224x224, batch 32
     python examples/convnext_step.py --device gpu --dtype float32
     python examples/convnext_step.py --device cpu --tiny                # seconds: smoke run
-    python examples/convnext_step.py --device gpu --profile /tmp/trace  # + where the time goes
+    python examples/convnext_step.py --device gpu --profile             # + where the time goes
 
 ConvNeXt-T: a 4x4/4 stem, four stages of (3, 3, 9, 3) blocks at widths
 (96, 192, 384, 768) with 2x2/2 downsampling between them; a block is a 7x7
