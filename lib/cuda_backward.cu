@@ -386,9 +386,11 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, int vec) {
   p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
   p.rounds = p.lanes == 32 && vectors % 64 == 0 ? 2 : 1;
   const int64_t default_slots = (vectors + p.lanes - 1) / p.lanes * p.lanes;
-  if (tune.sample_fit == 1) {
+  // The fit is over the 4-channel shapes (8-channel vectors take one a lane:
+  // a fit of 16 x 3 cut to 16 x 1 would take 3 slices where 32 lanes take 2).
+  if (vec == 4 && tune.sample_fit == 1) {
     FitSampleLanes(vectors, 8, p.lanes, p.rounds);
-  } else if (10 * vectors < 6 * default_slots) {
+  } else if (vec == 4 && 10 * vectors < 6 * default_slots) {
     int lanes, rounds;
     if (FitSampleLanes(vectors, 16, lanes, rounds) < default_slots) p.lanes = lanes, p.rounds = rounds;
   }
