@@ -28,6 +28,28 @@ __device__ __forceinline__ A SumOverLanes(A v, int lanes) {
 
 // Everything but grad_x's scatter is written in a fixed order here; grad_x is
 // scattered with atomics when `scatter` is set (the fast path).
+// The tile kernel's shared memory, sized by the host and carved up by the
+// kernel: the tile's pixel indices, its tap geometry [pixel][tap], the
+// per-(pixel, tap) sums [pixel][tap][3], then each thread's grad_weight
+// accumulators [threads][per_thread].
+template <typename A>
+struct TileBackwardSmem {
+  int pixels, taps;
+  // per_thread: V * MB accumulators.
+  __host__ __device__ size_t Bytes(int threads, int per_thread) const {
+    return pixels * (sizeof(int64_t) + taps * (sizeof(TapGeometryOf<A>) + 3 * sizeof(A))) +
+           static_cast<size_t>(threads) * per_thread * sizeof(A);
+  }
+  __device__ int64_t* PixelOf(unsigned char* smem) const { return reinterpret_cast<int64_t*>(smem); }
+  __device__ TapGeometryOf<A>* Geometry(unsigned char* smem) const {
+    return reinterpret_cast<TapGeometryOf<A>*>(PixelOf(smem) + pixels);
+  }
+  __device__ A* TapSums(unsigned char* smem) const {
+    return reinterpret_cast<A*>(Geometry(smem) + pixels * taps);
+  }
+  __device__ A* WeightSums(unsigned char* smem) const { return TapSums(smem) + pixels * taps * 3; }
+};
+
 // MINB: blocks per SM the register budget must allow (1: no cap).
 template <typename T, int V, int MB, int MINB>
 __global__ void __launch_bounds__(kMaxThreads, MINB)
@@ -40,10 +62,11 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
   extern __shared__ __align__(16) unsigned char smem[];
   const int taps = static_cast<int>(s.taps());
   const int tile_pixels = tg.pixels;
-  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
-  TapGeometryOf<A>* geom = reinterpret_cast<TapGeometryOf<A>*>(pixel_of + tile_pixels);
-  A* tap_sums = reinterpret_cast<A*>(geom + tile_pixels * taps);  // [pixel][tap][3]
-  A* weight_sums = tap_sums + tile_pixels * taps * 3;             // [threads][V*MB]
+  const TileBackwardSmem<A> layout{tile_pixels, taps};
+  int64_t* pixel_of = layout.PixelOf(smem);
+  TapGeometryOf<A>* geom = layout.Geometry(smem);
+  A* tap_sums = layout.TapSums(smem);        // [pixel][tap][3]
+  A* weight_sums = layout.WeightSums(smem);  // [threads][V*MB]
 
   const int64_t g = blockIdx.y;
   TileGeometry(s, tg, offset, mask, g, pixel_of, geom);
@@ -423,13 +446,32 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, int vec) {
   return p;
 }
 
+// The sample kernel's shared memory, sized by the host and carved up by the
+// kernel: each sub-warp's tap records for a whole chunk [sub-warp][KC], then
+// the grad_weight slots [tap][R][threads][V], only for the taps a chunk has
+// (3x3: 9 of 10), which keeps two 32 x 2 blocks within an SM's 164 KB
+// shared-memory step.
+template <typename A>
+struct SampleSmem {
+  int sub_warps, chunk_slots;  // chunk_slots: KC, SampleTaps(R)
+  __host__ __device__ size_t RecordBytes() const {
+    return static_cast<size_t>(sub_warps) * chunk_slots * sizeof(SampleTapOf<A>);
+  }
+  __host__ __device__ size_t Bytes(int chunk_taps, int rounds, int vec, int threads) const {
+    return RecordBytes() + static_cast<size_t>(chunk_taps) * rounds * vec * threads * sizeof(A);
+  }
+  __device__ SampleTapOf<A>* Records(unsigned char* smem, int sub_warp) const {
+    return reinterpret_cast<SampleTapOf<A>*>(smem) + sub_warp * chunk_slots;
+  }
+  __device__ A* WeightSums(unsigned char* smem) const {
+    return reinterpret_cast<A*>(reinterpret_cast<SampleTapOf<A>*>(smem) + sub_warps * chunk_slots);
+  }
+};
+
 template <typename A>
 inline size_t SampleSharedBytes(const SamplePlan& p) {
-  // Tap records for the kernel's whole chunk (it lays them out by its KC);
-  // grad_weight slots only for the taps a chunk has (3x3: 9 of 10), which
-  // keeps two 32 x 2 blocks within an SM's 164 KB shared-memory step.
-  return p.warps * (32 / p.lanes) * SampleTaps(p.rounds) * sizeof(SampleTapOf<A>) +
-         p.chunk_taps * p.rounds * p.vec * p.warps * 32 * sizeof(A);
+  return SampleSmem<A>{p.warps * (32 / p.lanes), SampleTaps(p.rounds)}.Bytes(p.chunk_taps, p.rounds, p.vec,
+                                                                          p.warps * 32);
 }
 
 // Two 8-warp blocks per SM (measured on an H200: faster than three with
@@ -451,11 +493,11 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
   constexpr int KC = SampleTaps(R), kSub = 32 / L, kPer = kSampleSums / L;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
-  SampleTapOf<A>* geo = reinterpret_cast<SampleTapOf<A>*>(smem) + (warp * kSub + sub) * KC;
+  const SampleSmem<A> layout{plan.warps * kSub, KC};
+  SampleTapOf<A>* geo = layout.Records(smem, warp * kSub + sub);
   // grad_weight accumulators [KC][R][threads][V]: one 16-byte access per tap
   // and vector.
-  A* weight_sums = reinterpret_cast<A*>(reinterpret_cast<SampleTapOf<A>*>(smem) +
-                                        plan.warps * kSub * KC);
+  A* weight_sums = layout.WeightSums(smem);
   A* my_weight_sums = weight_sums + threadIdx.x * V;
   const int tap_stride = blockDim.x * V;  // between (tap, vector) slots
 
@@ -853,8 +895,7 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
   // float64.
   const int mb = p.vec == kVec ? 1 : (s.multiplier == 1 ? 1 : 4);
   const size_t smem =
-      p.tile_pixels * (sizeof(int64_t) + s.taps() * (sizeof(TapGeometryOf<A>) + 3 * sizeof(A))) +
-      p.threads * p.vec * mb * sizeof(A);
+      TileBackwardSmem<A>{p.tile_pixels, static_cast<int>(s.taps())}.Bytes(p.threads, p.vec * mb);
   const BackwardFn<T> fn = p.vec == kVec ? BackwardKernel<T, kVec, 1, 1>
                            : mb == 1     ? BackwardKernel<T, 1, 1, 1>
                                          : BackwardKernel<T, 1, 4, 1>;

@@ -29,6 +29,22 @@ struct alignas(16) ForwardTapOf {
   A weight[4];
 };
 
+// The forward kernel's shared memory, sized by the host and carved up by the
+// kernel: the tile's pixel indices (an even count of int64, so the table
+// after them stays 16-byte aligned), then its tap table [pixel][tap].
+template <typename Tap>
+struct ForwardSmem {
+  int pixels;
+  __host__ __device__ int PixelSlots() const { return (pixels + 1) & ~1; }
+  __host__ __device__ size_t Bytes(int64_t taps) const {
+    return PixelSlots() * sizeof(int64_t) + pixels * taps * sizeof(Tap);
+  }
+  __device__ int64_t* PixelOf(unsigned char* smem) const { return reinterpret_cast<int64_t*>(smem); }
+  __device__ Tap* TapTable(unsigned char* smem) const {
+    return reinterpret_cast<Tap*>(PixelOf(smem) + PixelSlots());
+  }
+};
+
 template <typename T, typename Off>
 __device__ void ForwardTileTaps(const ConvShape& s, const TileGrid& tg, const T* __restrict__ offset,
                                 const T* __restrict__ mask, int64_t g, int64_t* pixel_of,
@@ -113,9 +129,10 @@ __global__ void __launch_bounds__(kMaxThreads, MINB)
                   const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y) {
   using A = Accum<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  int64_t* pixel_of = reinterpret_cast<int64_t*>(smem);
   using Tap = ForwardTapOf<A, Off>;
-  Tap* tap_table = reinterpret_cast<Tap*>(pixel_of + ((tg.pixels + 1) & ~1));
+  const ForwardSmem<Tap> layout{tg.pixels};
+  int64_t* pixel_of = layout.PixelOf(smem);
+  Tap* tap_table = layout.TapTable(smem);
   const int64_t g = blockIdx.y;
   ForwardTileTaps(s, tg, offset, mask, g, pixel_of, tap_table);
   __syncthreads();
@@ -317,8 +334,8 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
   }
   if (tune.forward_tile > 0) p = WithTilePixels(s, p, tune.forward_tile);
   const bool narrow = s.n * s.h * s.w * s.c * int64_t{sizeof(T)} <= INT32_MAX && PositionsFit(s);
-  const size_t tap_bytes = narrow ? sizeof(ForwardTapOf<A, int32_t>) : sizeof(ForwardTapOf<A, int64_t>);
-  const size_t smem = ((p.tile_pixels + 1) & ~1) * sizeof(int64_t) + p.tile_pixels * s.taps() * tap_bytes;
+  const size_t smem = narrow ? ForwardSmem<ForwardTapOf<A, int32_t>>{p.tile_pixels}.Bytes(s.taps())
+                            : ForwardSmem<ForwardTapOf<A, int64_t>>{p.tile_pixels}.Bytes(s.taps());
   // Enough blocks for about two waves: split the channels when tiles are few.
   const int64_t vectors = s.channels_per_group() / p.vec;
   const int64_t lane_rounds = (vectors + p.lanes - 1) / p.lanes;
