@@ -94,6 +94,12 @@ inline double FromAccum<double>(double v) {
   return v;
 }
 
+// The CPU kernels' 16-bit types, for DispatchDtype (dtypes.h).
+struct CpuTypes {
+  using BFloat16 = jax_deform::BFloat16;
+  using Float16 = jax_deform::Float16;
+};
+
 }  // namespace jax_deform
 
 #endif  // JAX_DEFORM_CPU_DTYPES_H_

@@ -82,23 +82,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer of
                                  {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}, &s);
   if (err.failure()) return err;
   if (s.n * s.ho * s.wo == 0) return ffi::Error::Success();
+  Dtype dtype;
+  if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
   const ParallelFor parallel = PoolParallelFor(pool);
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      RunForward<float>(s, x, offset, mask, weight, bias, y, parallel);
-      break;
-    case ffi::DataType::BF16:
-      RunForward<BFloat16>(s, x, offset, mask, weight, bias, y, parallel);
-      break;
-    case ffi::DataType::F16:
-      RunForward<Float16>(s, x, offset, mask, weight, bias, y, parallel);
-      break;
-    case ffi::DataType::F64:
-      RunForward<double>(s, x, offset, mask, weight, bias, y, parallel);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
-  }
+  DispatchDtype<CpuTypes>(dtype, [&](auto zero) {
+    RunForward<decltype(zero)>(s, x, offset, mask, weight, bias, y, parallel);
+  });
   return ffi::Error::Success();
 }
 
@@ -127,27 +116,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer o
     std::memset(gweight, 0, grad_weight->size_bytes());
     return ffi::Error::Success();
   }
+  Dtype dtype;
+  if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
   const ParallelFor parallel = PoolParallelFor(pool);
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      RunBackward<float>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask, gweight,
-                         parallel);
-      break;
-    case ffi::DataType::BF16:
-      RunBackward<BFloat16>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask,
-                            gweight, parallel);
-      break;
-    case ffi::DataType::F16:
-      RunBackward<Float16>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask,
-                           gweight, parallel);
-      break;
-    case ffi::DataType::F64:
-      RunBackward<double>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask, gweight,
-                          parallel);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
-  }
+  DispatchDtype<CpuTypes>(dtype, [&](auto zero) {
+    RunBackward<decltype(zero)>(s, x, offset, mask, weight, grad_y, gx, goffset, gmask, gweight,
+                                parallel);
+  });
   return ffi::Error::Success();
 }
 
@@ -175,14 +150,9 @@ ffi::Error TangentImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer of
                                  &x_dot, &offset_dot, &mask_dot, &weight_dot};
   const ParallelFor parallel = PoolParallelFor(pool);
   void* out = y_dot->untyped_data();
-  switch (x.element_type()) {
-    case ffi::DataType::F32: RunTangent<float>(s, in, out, parallel); break;
-    case ffi::DataType::BF16: RunTangent<BFloat16>(s, in, out, parallel); break;
-    case ffi::DataType::F16: RunTangent<Float16>(s, in, out, parallel); break;
-    case ffi::DataType::F64: RunTangent<double>(s, in, out, parallel); break;
-    default:
-      return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
-  }
+  Dtype dtype;
+  if (err = ToDtype(x.element_type(), &dtype); err.failure()) return err;
+  DispatchDtype<CpuTypes>(dtype, [&](auto zero) { RunTangent<decltype(zero)>(s, in, out, parallel); });
   return ffi::Error::Success();
 }
 

@@ -927,7 +927,7 @@ cudaError_t LaunchBackwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape
                                const void* mask, const void* weight, const void* grad_y,
                                void* grad_x, void* grad_offset, void* grad_mask,
                                void* grad_weight, void* scratch) {
-  return DispatchDtype(dtype, [&](auto zero) {
+  return DispatchDtype<CudaTypes>(dtype, [&](auto zero) {
     using T = decltype(zero);
     using A = Accum<T>;
     return Backward(stream, s, deterministic, static_cast<const T*>(x),

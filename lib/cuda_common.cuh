@@ -411,17 +411,11 @@ constexpr Dtype DtypeOf() {
                                             : Dtype::kF16;
 }
 
-// Calls fn(T{}) with T the element type of `dtype`.
-template <typename Fn>
-cudaError_t DispatchDtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kF32: return fn(float{});
-    case Dtype::kBF16: return fn(__nv_bfloat16{});
-    case Dtype::kF16: return fn(__half{});
-    case Dtype::kF64: return fn(double{});
-  }
-  return cudaErrorInvalidValue;
-}
+// CUDA's 16-bit types, for DispatchDtype (dtypes.h).
+struct CudaTypes {
+  using BFloat16 = __nv_bfloat16;
+  using Float16 = __half;
+};
 
 }  // namespace cuda_detail
 }  // namespace jax_deform

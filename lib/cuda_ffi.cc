@@ -12,16 +12,6 @@
 namespace jax_deform {
 namespace {
 
-ffi::Error ToDtype(ffi::DataType t, Dtype* out) {
-  switch (t) {
-    case ffi::DataType::F32: *out = Dtype::kF32; return ffi::Error::Success();
-    case ffi::DataType::BF16: *out = Dtype::kBF16; return ffi::Error::Success();
-    case ffi::DataType::F16: *out = Dtype::kF16; return ffi::Error::Success();
-    case ffi::DataType::F64: *out = Dtype::kF64; return ffi::Error::Success();
-    default: return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
-  }
-}
-
 // The kernels keep in-image pixel indices in 32 bits and put offset groups on
 // the grid's y axis; everything else is indexed with 64 bits.
 ffi::Error CheckLimits(const ConvShape& s) {

@@ -362,7 +362,7 @@ cudaError_t Forward(cudaStream_t stream, const ConvShape& s, const T* x, const T
 cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* x,
                               const void* offset, const void* mask, const void* weight,
                               const void* bias, void* y) {
-  return DispatchDtype(dtype, [&](auto zero) {
+  return DispatchDtype<CudaTypes>(dtype, [&](auto zero) {
     using T = decltype(zero);
     return Forward(stream, s, static_cast<const T*>(x), static_cast<const T*>(offset),
                    static_cast<const T*>(mask), static_cast<const T*>(weight),

@@ -450,7 +450,7 @@ size_t GatherScratchBytes(const ConvShape& s, bool wide) { return MakeLayout(s, 
 cudaError_t GradXByGather(cudaStream_t stream, Dtype dtype, const ConvShape& s, const void* offset,
                           const void* mask, const void* weight, const void* grad_y, void* grad_x,
                           void* scratch) {
-  return DispatchDtype(dtype, [&](auto zero) {
+  return DispatchDtype<CudaTypes>(dtype, [&](auto zero) {
     using T = decltype(zero);
     return Gather(stream, s, static_cast<const T*>(offset), static_cast<const T*>(mask),
                   static_cast<const T*>(weight), static_cast<const T*>(grad_y),

@@ -9,10 +9,9 @@
 #include <cstdint>
 
 #include "deform_math.h"
+#include "dtypes.h"
 
 namespace jax_deform {
-
-enum class Dtype { kF32, kBF16, kF16, kF64 };
 
 // y = deformable depthwise conv; mask and bias may be null.
 cudaError_t LaunchForwardCuda(cudaStream_t stream, Dtype dtype, const ConvShape& s,

@@ -107,7 +107,7 @@ cudaError_t LaunchTangentCuda(cudaStream_t stream, Dtype dtype, const ConvShape&
                               const void* offset, const void* mask, const void* weight,
                               const void* x_dot, const void* offset_dot, const void* mask_dot,
                               const void* weight_dot, void* y_dot) {
-  return DispatchDtype(dtype, [&](auto zero) {
+  return DispatchDtype<CudaTypes>(dtype, [&](auto zero) {
     using T = decltype(zero);
     auto in = [](const void* p) { return static_cast<const T*>(p); };
     return Tangent(stream, s, in(x), in(offset), in(mask), in(weight), in(x_dot), in(offset_dot),

@@ -9,11 +9,23 @@
 #include <string>
 
 #include "deform_math.h"
+#include "dtypes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_deform {
 
 namespace ffi = xla::ffi;
+
+// The kernels' dtype of an FFI element type (the handlers then DispatchDtype).
+inline ffi::Error ToDtype(ffi::DataType t, Dtype* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = Dtype::kF32; return ffi::Error::Success();
+    case ffi::DataType::BF16: *out = Dtype::kBF16; return ffi::Error::Success();
+    case ffi::DataType::F16: *out = Dtype::kF16; return ffi::Error::Success();
+    case ffi::DataType::F64: *out = Dtype::kF64; return ffi::Error::Success();
+    default: return ffi::Error::InvalidArgument("deform_conv2d: unsupported dtype");
+  }
+}
 
 struct ConvAttrs {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
