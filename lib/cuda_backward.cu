@@ -26,8 +26,6 @@ __device__ __forceinline__ A SumOverLanes(A v, int lanes) {
   return v;
 }
 
-// Everything but grad_x's scatter is written in a fixed order here; grad_x is
-// scattered with atomics when `scatter` is set (the fast path).
 // The tile kernel's shared memory, sized by the host and carved up by the
 // kernel: the tile's pixel indices, its tap geometry [pixel][tap], the
 // per-(pixel, tap) sums [pixel][tap][3], then each thread's grad_weight
@@ -50,6 +48,8 @@ struct TileBackwardSmem {
   __device__ A* WeightSums(unsigned char* smem) const { return TapSums(smem) + pixels * taps * 3; }
 };
 
+// Everything but grad_x's scatter is written in a fixed order here; grad_x is
+// scattered with atomics when `scatter` is set (the fast path).
 // MINB: blocks per SM the register budget must allow (1: no cap).
 template <typename T, int V, int MB, int MINB>
 __global__ void __launch_bounds__(kMaxThreads, MINB)
@@ -401,9 +401,9 @@ inline int64_t FitSampleLanes(int64_t vectors, int min_lanes, int& lanes, int& r
 // channels: one slice of 16 x 3 instead of 2 x 32 lanes, 4-7%); 8 lanes x 3
 // for 96 channels and 3 vectors a lane at 192 and 384 channels were slower
 // (tuning key sample_fit=1 forces the fit over 8 lanes and up).
-inline SamplePlan MakeSamplePlan(const ConvShape& s, int vec) {
+inline SamplePlan MakeSamplePlan(const ConvShape& s, size_t elem_bytes, bool gather) {
   SamplePlan p;
-  p.vec = vec;
+  const int vec = p.vec = SampleVecFor(s, elem_bytes, gather);
   const int64_t vectors = s.channels_per_group() / vec;
   const Tuning& tune = GetTuning();
   p.lanes = static_cast<int>(std::max<int64_t>(8, std::min<int64_t>(32, FloorPow2(2 * vectors - 1))));
@@ -770,7 +770,7 @@ bool UseSampleKernel(const ConvShape& s, bool wide);
 size_t KernelScratchBytes(const ConvShape& s, const Plan& p, bool wide, size_t elem_bytes,
                           bool gather) {
   if (UseSampleKernel(s, wide)) {
-    return SampleScratchBytes(s, MakeSamplePlan(s, SampleVecFor(s, elem_bytes, gather)));
+    return SampleScratchBytes(s, MakeSamplePlan(s, elem_bytes, gather));
   }
   return WeightPartialBytes(s, p, wide ? sizeof(double) : sizeof(float));
 }
@@ -836,7 +836,7 @@ cudaError_t BackwardBySamples(cudaStream_t stream, const ConvShape& s, bool gath
                               const T* offset, const T* mask, const T* weight, const T* grad_y,
                               float* grad_x, float* grad_offset, float* grad_mask,
                               float* grad_weight, unsigned char* scratch) {
-  const SamplePlan p = MakeSamplePlan(s, SampleVecFor(s, sizeof(T), gather));
+  const SamplePlan p = MakeSamplePlan(s, sizeof(T), gather);
   float* weight_partial = reinterpret_cast<float*>(scratch);
   float* slice_partial = reinterpret_cast<float*>(scratch + SampleWeightPartialBytes(s, p));
   const SampleFn<T> fn = SampleKernelFor<T>(p.lanes, p.rounds, gather, p.vec);
