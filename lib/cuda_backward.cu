@@ -448,9 +448,9 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, size_t elem_bytes, bool gat
 
 // The sample kernel's shared memory, sized by the host and carved up by the
 // kernel: each sub-warp's tap records for a whole chunk [sub-warp][KC], then
-// the grad_weight slots [tap][R][threads][V], only for the taps a chunk has
-// (3x3: 9 of 10), which keeps two 32 x 2 blocks within an SM's 164 KB
-// shared-memory step.
+// the grad_weight slots [tap][R][V / 4][threads][4], only for the taps a
+// chunk has (3x3: 9 of 10), which keeps two 32 x 2 blocks within an SM's
+// 164 KB shared-memory step.
 template <typename A>
 struct SampleSmem {
   int sub_warps, chunk_slots;  // chunk_slots: KC, SampleTaps(R)
@@ -495,11 +495,21 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   const SampleSmem<A> layout{plan.warps * kSub, KC};
   SampleTapOf<A>* geo = layout.Records(smem, warp * kSub + sub);
-  // grad_weight accumulators [KC][R][threads][V]: one 16-byte access per tap
-  // and vector.
+  // grad_weight accumulators [KC][R][V / 4][threads][4]: a lane's V sums
+  // in 16-byte quads, and each quad of a warp's lanes one contiguous 512
+  // bytes. (At V = 8 the lanes' 32-byte slots side by side made every
+  // access two wavefronts where one serves: 44% of the bfloat16 kernel's
+  // shared-memory wavefronts, by Nsight Compute.)
+  constexpr int kQuads = V / 4;
+  static_assert(V % 4 == 0, "grad_weight slots hold quads of channels");
   A* weight_sums = layout.WeightSums(smem);
-  A* my_weight_sums = weight_sums + threadIdx.x * V;
-  const int tap_stride = blockDim.x * V;  // between (tap, vector) slots
+  A* my_weight_sums = weight_sums + threadIdx.x * 4;
+  // The block is SampleWarps(R) warps (MakeSamplePlan), so the strides are
+  // immediates of the shared-memory accesses (with blockDim.x they took
+  // registers, and the 8-channel variants spilled).
+  constexpr int kThreads = SampleWarps(R) * 32;
+  constexpr int quad_stride = kThreads * 4;  // between a slot's quads
+  constexpr int tap_stride = kThreads * V;   // between (tap, vector) slots
 
   const int64_t taps = s.taps(), cg = s.channels_per_group(), cm = s.out_channels();
   const int64_t pixels = s.n * s.ho * s.wo;
@@ -524,7 +534,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
   for (int t = 0; t < KC * R; ++t) {
     if (t < kc * R) {  // slots exist for the chunk's taps only (SampleSharedBytes)
 #pragma unroll
-      for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + v] = A(0);
+      for (int v = 0; v < V; ++v) my_weight_sums[t * tap_stride + (v / 4) * quad_stride + v % 4] = A(0);
     }
   }
   // Lane l of a sub-warp makes the records of taps l, l + L, ... and loads
@@ -622,8 +632,9 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
               }
             }
             A* my_sums = my_weight_sums + (t * R + q) * tap_stride;
-            A gw[V];
-            LoadVec<A, V>(my_sums, gw);
+            A gw[kQuads][4];
+#pragma unroll
+            for (int h = 0; h < kQuads; ++h) LoadVec<A, 4>(my_sums + h * quad_stride, gw[h]);
 #pragma unroll
             for (int v = 0; v < V; ++v) {
               A val = poison;
@@ -633,9 +644,10 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
                 dot[i] += gcol[v] * corner[i][v];
               }
               sum_val += gcol[v] * val;
-              gw[v] += (val * mask_t) * gy[q][v];
+              gw[v / 4][v % 4] += (val * mask_t) * gy[q][v];
             }
-            StoreVec<A, V>(my_sums, gw);
+#pragma unroll
+            for (int h = 0; h < kQuads; ++h) StoreVec<A, 4>(my_sums + h * quad_stride, gw[h]);
             if (kMayScatter && scatter) {
 #pragma unroll
               for (int i = 0; i < 4; ++i) {
@@ -682,7 +694,8 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
     const int vec = (slice * R + tq % R) * L + l;
     if (t >= kc || vec >= cg / V) continue;
     A total = A(0);
-    for (int w = 0; w < plan.warps * kSub; ++w) total += weight_sums[tq * tap_stride + (w * L + l) * V + v];
+    const A* slot = weight_sums + tq * tap_stride + (v / 4) * quad_stride + l * 4 + v % 4;
+    for (int w = 0; w < plan.warps * kSub; ++w) total += slot[w * L * 4];
     weight_partial[(blockIdx.x * taps + k0 + t) * cm + g * cg + vec * V + v] = total;
   }
 }
