@@ -30,7 +30,7 @@ if want multi_gpu; then  # builds again (quick: nothing changed) as it does stan
 fi
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}  # one GPU: the first the caller names
 if want gpu_tests; then
-  step gpu_tests 200 env JAX_DEFORM_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_api.py \
+  step gpu_tests 300 env JAX_DEFORM_REQUIRE_GPU=1 python3 -m pytest -q -m gpu tests/test_api.py \
     tests/test_determinism.py tests/test_gradients.py tests/test_float64.py tests/test_install.py
   tail -2 "$out/logs/gpu_tests.log"
   # Not marked gpu: with a GPU as jax's default device these run the CUDA kernels.
