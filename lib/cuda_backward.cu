@@ -459,7 +459,8 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, size_t elem_bytes, bool gat
   // lanes: 0.0531, 0.0697). Smaller problems (the tests' shapes) keep the
   // plans the tests cover: their time is the launch.
   const int64_t blocks = p.blocks_x * p.slices * s.groups * p.chunks;
-  if (vec == 4 && p.lanes == 32 && tune.sample_lanes == 0 && tune.sample_rounds == 0 &&
+  const bool tuned = tune.sample_lanes > 0 || tune.sample_rounds > 0 || tune.sample_fit == 1;
+  if (vec == 4 && p.lanes == 32 && !tuned &&
       s.n * s.ho * s.wo * s.channels_per_group() >= (int64_t{1} << 18) && blocks < SmCount()) {
     p.lanes = 16, p.rounds = 1;
     p = WithSampleGrid(s, p);
