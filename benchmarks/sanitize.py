@@ -26,6 +26,7 @@ CASES = [  # (N, H, W, C, G, M, kernel, stride, padding)
     (2, 9, 9, 520, 1, 1, (3, 3), 2, 1),   # C = 520: vector path, a partial lane round
     (1, 6, 7, 96, 1, 1, (7, 7), 1, 3),    # C = 96, 7x7: 8 lanes x 3 vectors (sample_fit=1)
     (1, 5, 6, 144, 1, 1, (5, 5), 1, 2),   # C = 144, 5x5: 16 lanes x 3, a partial round
+    (1, 24, 32, 512, 1, 1, (3, 3), 1, 1),  # a grid under one wave: the small-grid plans
 ]
 
 

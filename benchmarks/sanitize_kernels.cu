@@ -45,6 +45,7 @@ const Case kCases[] = {
     {"C = 64: 16-lane pixels, an odd pixel count", 1, 5, 7, 64, 1, 1, 3, 3, 1, 1},
     {"C = 96, 7x7: 8 lanes x 3 vectors a lane (sample_fit=1)", 1, 6, 7, 96, 1, 1, 7, 7, 1, 3},
     {"C = 144, 5x5: 16 lanes x 3 vectors, a partial round (sample_fit=1)", 1, 5, 6, 144, 1, 1, 5, 5, 1, 2},
+    {"a grid under one wave: 16-pixel forward tiles, 16-lane sample slices", 1, 24, 32, 512, 1, 1, 3, 3, 1, 1},
 };
 
 void Check(cudaError_t err, const char* what) {

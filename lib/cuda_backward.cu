@@ -844,9 +844,10 @@ SampleFn<T> SampleKernelAt(int lanes, int rounds, std::integer_sequence<int, I..
 }
 
 // The kernel built for (lanes, vectors a lane); every plan's pair is one of
-// kSampleShapes. With grad_x by the gather and 32 lanes (every group of 256
-// channels or more, the gather's default) the variant without atomics,
-// unless a tuning run asks for the other (sample_no_scatter=0).
+// kSampleShapes. With grad_x by the gather and 32 lanes (the gather's
+// default for groups of 256 channels or more, but for a small grid's 16-lane
+// slices) the variant without atomics, unless a tuning run asks for the other
+// (sample_no_scatter=0).
 template <typename T>
 SampleFn<T> SampleKernelFor(int lanes, int rounds, bool gather, int vec) {
   if constexpr (sizeof(T) == 2) {

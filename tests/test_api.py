@@ -63,9 +63,9 @@ CASES = [
     dict(padding="SAME", kernel=(4, 2), h=5, w=4, multiplier=2),  # totals 3 and 1
     # 32 channels: the CUDA forward's 8-lane pixels, several pixels a thread.
     dict(c=32),
-    # A grid under one wave with 2^18 output elements: the CUDA forward's
-    # 16-pixel tiles (WithSmallGridTiles).
-    dict(n=1, h=16, w=32, c=512),
+    # A grid under one wave with 2^19 output elements (twice the least): the
+    # CUDA forward's 16-pixel tiles (WithSmallGridTiles).
+    dict(n=1, h=32, w=32, c=512),
 ]
 
 
@@ -209,9 +209,10 @@ GRAD_CASES = [
     # Three vectors a lane (the fitted plan): 16 lanes x 3 for 144 channels,
     # the third round a quarter full.
     dict(n=1, h=6, w=5, c=144, kernel=(5, 5), padding=2),
-    # A grid under one wave with 2^18 output elements: the sample kernel's
-    # 16 lanes in 8 slices where 32 x 2 would take 2 (MakeSamplePlan).
-    dict(n=1, h=16, w=32, c=512),
+    # A grid under one wave with 2^19 output elements (twice the least): the
+    # sample kernel's 16 lanes in 8 slices where 32 x 2 would take 2
+    # (MakeSamplePlan).
+    dict(n=1, h=32, w=32, c=512),
 ]
 
 
