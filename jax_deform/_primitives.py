@@ -294,24 +294,53 @@ def _backward_lowering_cuda(ctx, x, offset, mask, weight, grad_y, *, params, det
     def nbytes(n):
         return cuda_backward_workspace_bytes(n, layout, params, dtype, deterministic)
 
-    workspace = jax.core.ShapedArray((workspace_size(nbytes, layout.n),), jnp.uint8)
+    size = workspace_size(nbytes, layout.n, largest_kernel_batch(layout))
+    workspace = jax.core.ShapedArray((size,), jnp.uint8)
     return _backward_lowering(ctx, x, offset, mask, weight, grad_y, params=params,
                               deterministic=deterministic, partials=partials,
                               workspace=(workspace,))
 
 
-def workspace_size(nbytes, n):
-    """Workspace bytes for batch n: nbytes(n) when n is a number. For a symbolic
-    batch (jax.export with shape polymorphism), a bound linear in n, from the
-    sizes at concrete batches: every part of the workspace grows linearly with
-    the batch (the sort's temporary storage too, up to its fixed part), plus
-    1 MiB of slack. The kernel checks the size it is given and fails with an
+def workspace_size(nbytes, n, largest):
+    """Workspace bytes for batch n: nbytes(n) when n is a number, else (a
+    symbolic batch: jax.export with shape polymorphism) the bound of
+    workspace_bound. The kernel checks the size it is given and fails with an
     error, never out of bounds, if it is too small."""
     if isinstance(n, (int, np.integer)):
         return max(nbytes(int(n)), 1)
-    at = {k: nbytes(k) for k in (1, 64, 128)}
-    slope = max(-(-(at[128] - at[64]) // 64), -(-at[64] // 64), 1)  # ceil
-    return slope * n + (at[1] + (1 << 20))
+    slope, intercept = workspace_bound(nbytes, largest)
+    return slope * n + intercept
+
+
+def workspace_bound(nbytes, largest):
+    """(slope, intercept) with slope * n + intercept >= nbytes(n) for batches
+    n up to `largest` (a power of two: the largest batch the kernels' 32-bit
+    offsets allow). The workspace is not linear in the batch: the per-block
+    grad_weight partial sums grow until the grid reaches its block count and
+    then stay, small grids take more channel slices, and the fast path
+    switches to the sorted gather above a size. Past those switches it grows
+    linearly, so the slope is taken between `largest` and half of it (plus
+    1/16), and the intercept is the largest excess over that line at every
+    batch up to 1024 and every power of two after (plus 1 MiB).
+    tests/test_primitives.py checks the bound at every batch up to 2048 for
+    the benchmarks' and the tests' layouts."""
+    largest = max(2, largest)
+    batches = list(range(1, min(largest, 1024) + 1))
+    batches += [1 << k for k in range(11, largest.bit_length())]
+    sizes = {k: nbytes(k) for k in batches}
+    far, near = batches[-1], batches[-1] // 2
+    slope = max(-(-(sizes[far] - sizes[near]) // (far - near)), 1)  # ceil
+    slope += -(-slope // 16)
+    intercept = max(size - slope * k for k, size in sizes.items())
+    return slope, max(intercept, 0) + (1 << 20)
+
+
+def largest_kernel_batch(layout) -> int:
+    """The largest power-of-two batch for which x and the samples' byte
+    offsets fit the kernels' 32 bits."""
+    per_image = 4 * max(layout.h * layout.w * layout.c,
+                        layout.ho * layout.wo * layout.kh * layout.kw * layout.groups)
+    return 1 << max(1, (((1 << 31) - 1) // per_image).bit_length() - 1)
 
 
 for _platform in KERNEL_PLATFORMS:
