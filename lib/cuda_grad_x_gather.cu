@@ -67,9 +67,17 @@ struct Layout {
 Layout MakeLayout(const ConvShape& s, bool wide = false) {
   Layout d{};
   const int samples = static_cast<int>(Samples(s));
-  cub::DeviceRadixSort::SortPairs(nullptr, d.sort_bytes, static_cast<const unsigned*>(nullptr),
-                                  static_cast<unsigned*>(nullptr), static_cast<const unsigned*>(nullptr),
-                                  static_cast<unsigned*>(nullptr), samples, 0, KeyBits(s));
+  if (cub::DeviceRadixSort::SortPairs(nullptr, d.sort_bytes, static_cast<const unsigned*>(nullptr),
+                                      static_cast<unsigned*>(nullptr),
+                                      static_cast<const unsigned*>(nullptr),
+                                      static_cast<unsigned*>(nullptr), samples, 0, KeyBits(s)) !=
+      cudaSuccess) {
+    // No device to ask (a program exported for CUDA on a machine without a
+    // GPU): the sort's own key and value buffers, 8 bytes an item, and its
+    // per-tile and per-pass counters, well under a byte an item and 16 MiB.
+    cudaGetLastError();
+    d.sort_bytes = static_cast<size_t>(samples) * 9 + (size_t{16} << 20);
+  }
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t here = at;
