@@ -43,10 +43,13 @@ TANGENT_PLATFORMS: frozenset[str] = frozenset(
     p for p, names in _REGISTERED.items() if TANGENT_TARGET in names)
 
 
-def cuda_backward_workspace_bytes(n, layout, params, dtype: str, deterministic: bool) -> int:
+def cuda_backward_workspace_bytes(n, layout, params, dtype: str, deterministic: bool,
+                                  sm_count: int = 0) -> int:
     """Device workspace bytes the CUDA backward needs for batch n (a number) of
-    `layout` with `params`' geometry (the kernels' plan depends on both)."""
+    `layout` with `params`' geometry (the kernels' plan depends on both and on
+    the GPU's SM count): on a GPU of `sm_count` SMs, or with 0 on any GPU of
+    up to 256 (a lowered program may be exported and run elsewhere)."""
     return int(extension.cuda_backward_workspace_bytes(
         n, layout.h, layout.w, layout.c, layout.ho, layout.wo, layout.kh, layout.kw,
         *params.stride, *params.padding, *params.dilation,
-        layout.groups, layout.multiplier, dtype, bool(deterministic)))
+        layout.groups, layout.multiplier, dtype, bool(deterministic), int(sm_count)))

@@ -68,7 +68,7 @@ NB_MODULE(_jax_deform, m) {
       [](int64_t n, int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, int64_t kh,
          int64_t kw, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
          int64_t dil_h, int64_t dil_w, int64_t groups, int64_t multiplier,
-         const std::string& dtype, bool deterministic) {
+         const std::string& dtype, bool deterministic, int64_t sm_count) {
         // The whole geometry: the kernels' plan (hence the workspace) depends on it.
         jax_deform::ConvShape s{};
         s.n = n, s.h = h, s.w = w, s.c = c, s.ho = ho, s.wo = wo, s.kh = kh, s.kw = kw;
@@ -80,8 +80,11 @@ NB_MODULE(_jax_deform, m) {
                        : dtype == "bfloat16" ? jax_deform::Dtype::kBF16
                        : dtype == "float64"  ? jax_deform::Dtype::kF64
                                              : jax_deform::Dtype::kF16;
-        return jax_deform::BackwardScratchBytes(s, t, deterministic);
+        // sm_count 0: enough for any GPU of up to kPortableSmCount SMs.
+        return sm_count > 0 ? jax_deform::BackwardScratchBytesForSms(s, t, deterministic,
+                                                                     static_cast<int>(sm_count))
+                            : jax_deform::PortableBackwardScratchBytes(s, t, deterministic);
       },
-      "Bytes of device workspace the CUDA backward kernel needs.");
+      "Bytes of device workspace the CUDA backward kernel needs (on a GPU of sm_count SMs; 0: any).");
 #endif
 }

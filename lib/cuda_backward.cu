@@ -460,8 +460,10 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, size_t elem_bytes, bool gat
   // plans the tests cover: their time is the launch.
   const int64_t blocks = p.blocks_x * p.slices * s.groups * p.chunks;
   const bool tuned = tune.sample_lanes > 0 || tune.sample_rounds > 0 || tune.sample_fit == 1;
-  if (vec == 4 && p.lanes == 32 && !tuned &&
-      s.n * s.ho * s.wo * s.channels_per_group() >= (int64_t{1} << 18) && blocks < SmCount()) {
+  const bool eligible = vec == 4 && p.lanes == 32 && !tuned &&
+                        s.n * s.ho * s.wo * s.channels_per_group() >= (int64_t{1} << 18);
+  const int small_grid = CurrentPlanAssumptions().small_grid;
+  if (eligible && small_grid != 0 && blocks < SmCount()) {
     p.lanes = 16, p.rounds = 1;
     p = WithSampleGrid(s, p);
   }
@@ -949,6 +951,32 @@ cudaError_t Backward(cudaStream_t stream, const ConvShape& s, bool deterministic
 }  // namespace
 
 bool DeterministicBackwardFits(const ConvShape& s) { return GatherFits(s); }
+
+size_t BackwardScratchBytesForSms(const ConvShape& s, Dtype dtype, bool deterministic, int sm_count,
+                                  int small_grid) {
+  PlanAssumptions& current = CurrentPlanAssumptions();
+  const PlanAssumptions saved = current;
+  current = {sm_count, small_grid};
+  const size_t bytes = BackwardScratchBytes(s, dtype, deterministic);
+  current = saved;
+  return bytes;
+}
+
+// The per-block grad_weight partial sums grow with the SM count (about eight
+// blocks an SM). A small grid takes the 16-lane slices (other partial sums)
+// where its blocks are fewer than the SMs: as many blocks as its pixels allow
+// (more SMs than that is the only way under one wave), so if any GPU of up to
+// kPortableSmCount SMs takes them, one of kPortableSmCount does. Hence the
+// plans at kPortableSmCount with the rule and without the slices, besides
+// this device's own.
+size_t PortableBackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic) {
+  size_t bytes = BackwardScratchBytes(s, dtype, deterministic);
+  for (const int small_grid : {-1, 0}) {
+    bytes = std::max(bytes, BackwardScratchBytesForSms(s, dtype, deterministic, kPortableSmCount,
+                                                       small_grid));
+  }
+  return bytes;
+}
 
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic) {
   const bool wide = dtype == Dtype::kF64;

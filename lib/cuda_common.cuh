@@ -392,8 +392,23 @@ inline const Tuning& GetTuning() {
 
 inline size_t Align(size_t v) { return (v + 255) / 256 * 256; }
 
-// Streaming multiprocessors of the current device (read once).
+// What a kernel plan assumes of the GPU. Launches plan for the current
+// device; a workspace query for any GPU (PortableBackwardScratchBytes) sets
+// these for its own plans only, and puts them back.
+struct PlanAssumptions {
+  int sm_count = 0;     // 0: the current device's
+  int small_grid = -1;  // the sample kernel's small-grid slices: -1 by its rule, 0 never
+};
+
+inline PlanAssumptions& CurrentPlanAssumptions() {
+  thread_local PlanAssumptions assumptions;
+  return assumptions;
+}
+
+// Streaming multiprocessors of the current device (read once), or the count a
+// workspace query assumes.
 inline int SmCount() {
+  if (const int assumed = CurrentPlanAssumptions().sm_count; assumed > 0) return assumed;
   static const int count = [] {
     int device = 0, n = 132;
     cudaGetDevice(&device);

@@ -25,8 +25,19 @@ cudaError_t LaunchTangentCuda(cudaStream_t stream, Dtype dtype, const ConvShape&
                               const void* x_dot, const void* offset_dot, const void* mask_dot,
                               const void* weight_dot, void* y_dot);
 
-// Bytes of device scratch LaunchBackwardCuda needs for this shape.
+// Bytes of device scratch LaunchBackwardCuda needs for this shape on this device.
 size_t BackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic);
+
+// The scratch a program sized now needs on any GPU of up to kPortableSmCount
+// SMs (an exported program may run on another GPU than the one it was
+// lowered on): at least BackwardScratchBytes on each of them.
+constexpr int kPortableSmCount = 256;
+size_t PortableBackwardScratchBytes(const ConvShape& s, Dtype dtype, bool deterministic);
+
+// BackwardScratchBytes on a GPU of sm_count SMs; small_grid: the sample
+// kernel's small-grid slices by its rule (-1) or never (0).
+size_t BackwardScratchBytesForSms(const ConvShape& s, Dtype dtype, bool deterministic, int sm_count,
+                                  int small_grid = -1);
 
 // Whether the deterministic backward's 32-bit sample and cell indices cover s.
 bool DeterministicBackwardFits(const ConvShape& s);

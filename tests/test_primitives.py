@@ -39,3 +39,24 @@ def test_symbolic_batch_workspace_covers_every_batch(h, w, c, k, g, dtype, deter
     # over-sizes where the fast path has not yet switched to the gather,
     # whose scratch the line must already hold.)
     assert slope * largest + intercept <= 2 * nbytes(largest) + (32 << 20)
+
+
+SM_COUNTS = (16, 46, 80, 108, 114, 132, 142, 148, 170, 256)  # from small GPUs to the most sized for
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("h, w, c, k, g", LAYOUTS)
+def test_workspace_covers_every_gpu_up_to_256_sms(h, w, c, k, g, deterministic):
+    """The workspace a program is lowered with (sm_count 0) holds what the
+    kernels plan on each GPU: the per-block partial sums grow with the SM
+    count and the small-grid slices depend on it both ways."""
+    layout = SimpleNamespace(h=h, w=w, c=c, ho=h, wo=w, kh=k, kw=k, groups=g, multiplier=1)
+    params = SimpleNamespace(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1))
+    largest = largest_kernel_batch(layout)
+    for dtype in ("float32", "bfloat16"):
+        for n in sorted({min(b, largest) for b in (1, 2, 3, 5, 8, 16, 33, 64, 128, 256)}):
+            lowered = _ffi.cuda_backward_workspace_bytes(n, layout, params, dtype, deterministic)
+            for sms in SM_COUNTS:
+                on_gpu = _ffi.cuda_backward_workspace_bytes(n, layout, params, dtype, deterministic,
+                                                           sm_count=sms)
+                assert lowered >= on_gpu, (dtype, n, sms)
