@@ -295,6 +295,17 @@ __global__ void __launch_bounds__(kThreads, 3)
               for (int v = 0; v < V; ++v) run[r][v] += scale * gv[r][v];
             }
           };
+          // Sample `at` of the batch (shuffled from the lane that holds it),
+          // and its grad_y vectors.
+          auto fetch = [&](int at, unsigned& sample, A& scale) {
+            sample = __shfl_sync(lanes_mask, mine, at, L);
+            scale = __shfl_sync(lanes_mask, mine_scale, at, L);
+          };
+          auto load = [&](unsigned sample, A (&gv)[R][V]) {
+            const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * cm;
+#pragma unroll
+            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+          };
           // One sample, the run's change before its loads. (Loads issued
           // before the tap test got the test if-converted, so every sample
           // issued the closing's instructions, predicated off: in float32 at
@@ -303,13 +314,11 @@ __global__ void __launch_bounds__(kThreads, 3)
           // faster, 0.278 -> 0.262 and 0.942 -> 0.882: they take the steps
           // below even at U = 1.)
           auto one_sample = [&](int at) {
-            const unsigned sample = __shfl_sync(lanes_mask, mine, at, L);
-            const A scale = __shfl_sync(lanes_mask, mine_scale, at, L);
+            unsigned sample;
+            A scale, gv[R][V];
+            fetch(at, sample, scale);
             if constexpr (U == 1) enter_tap(sample);
-            const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * cm;
-            A gv[R][V];
-#pragma unroll
-            for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[r]);
+            load(sample, gv);
             if constexpr (U > 1) enter_tap(sample);  // a step's tail, as measured
             accumulate(scale, gv);
           };
@@ -326,11 +335,8 @@ __global__ void __launch_bounds__(kThreads, 3)
               A scale[U], gv[U][R][V];
 #pragma unroll
               for (int u = 0; u < U; ++u) {
-                sample[u] = __shfl_sync(lanes_mask, mine, j + u, L);
-                scale[u] = __shfl_sync(lanes_mask, mine_scale, j + u, L);
-                const T* gy = grad_y + static_cast<int64_t>(sample[u] >> tap_bits) * cm;
-#pragma unroll
-                for (int r = 0; r < R; ++r) LoadVec<T, V>(gy + col[r], gv[u][r]);
+                fetch(j + u, sample[u], scale[u]);
+                load(sample[u], gv[u]);
               }
 #pragma unroll
               for (int u = 0; u < U; ++u) {

@@ -219,10 +219,8 @@ MUTANTS = [
     Mutant("CUDA: pixel decoding mixes up height and width", "lib/cuda_common.cuh",
            "return {row / ho, row % ho, p - row * wo};", "return {row / ho, row % ho, p - row * ho};",
            GPU_GRADIENTS, cuda=True),
-    Mutant("CUDA: gather sub-warps read another sub-warp's entries", "lib/cuda_grad_x_gather.cu",
-           "__shfl_sync(lanes_mask, mine, j + u, L)", "__shfl_sync(lanes_mask, mine, j + u)",
-           GPU_GATHER_ORDER, cuda=True),
-    Mutant("CUDA: gather's sample-by-sample loop reads another sub-warp's entries",
+    # One fetch serves the steps and the sample-by-sample loop.
+    Mutant("CUDA: gather sub-warps read another sub-warp's entries",
            "lib/cuda_grad_x_gather.cu", "__shfl_sync(lanes_mask, mine, at, L)",
            "__shfl_sync(lanes_mask, mine, at)",
            GPU_GATHER_ORDER, cuda=True),
