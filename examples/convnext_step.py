@@ -185,9 +185,9 @@ def run(name, deformable, args, batches):
         ops = device_ops(train_step, batches)
         if ops:
             print(f"{'':12s}{sum(ops.values()):8.3f} ms/step  all device ops (profiler)")
-        for op, ms in ops.most_common(12):
-            print(f"{'':12s}{ms:8.3f} ms/step  {op[:90]}")
-        if not ops:
+            for op, ms in ops.most_common(12):
+                print(f"{'':12s}{ms:8.3f} ms/step  {op[:90]}")
+        else:
             print(f"{'':12s}(the trace has no device streams on this platform)")
     return seconds
 

@@ -450,18 +450,16 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, size_t elem_bytes, bool gat
   if (vec == 8) p.lanes = std::max(16, p.lanes);
   if (vec == 8 || !SampleShapeBuilt(p.lanes, p.rounds)) p.rounds = 1;
   p = WithSampleGrid(s, p);
-  // A grid under one wave with real work (at least 2^18 output elements a
-  // group; batch 1, e.g. (1, 32, 32, 512): 64 blocks on 132 SMs, each at its
-  // least pixels) takes narrower channel slices: 16 lanes, one vector a lane
-  // (8 slices there, 128 blocks). Measured on an H200 (benchmarks/RESULTS.md,
-  // tuning key sample_lanes=16): (1, 32, 32, 512) fwd+bwd 0.0654 -> 0.0500 ms
-  // float32, 0.0806 -> 0.0668 bfloat16 (two vectors a lane fewer, at 32
-  // lanes: 0.0531, 0.0697). Smaller problems (the tests' shapes) keep the
-  // plans the tests cover: their time is the launch.
+  // A grid under one wave (batch 1, e.g. (1, 32, 32, 512): 64 blocks on 132
+  // SMs, each at its least pixels) takes narrower channel slices where
+  // SmallGridPlansPay: 16 lanes, one vector a lane (8 slices there, 128
+  // blocks). Measured on an H200 (benchmarks/RESULTS.md, tuning key
+  // sample_lanes=16): (1, 32, 32, 512) fwd+bwd 0.0654 -> 0.0500 ms float32,
+  // 0.0806 -> 0.0668 bfloat16 (two vectors a lane fewer, at 32 lanes: 0.0531,
+  // 0.0697).
   const int64_t blocks = p.blocks_x * p.slices * s.groups * p.chunks;
   const bool tuned = tune.sample_lanes > 0 || tune.sample_rounds > 0 || tune.sample_fit == 1;
-  const bool eligible = vec == 4 && p.lanes == 32 && !tuned &&
-                        s.n * s.ho * s.wo * s.channels_per_group() >= (int64_t{1} << 18);
+  const bool eligible = vec == 4 && p.lanes == 32 && !tuned && SmallGridPlansPay(s);
   const int small_grid = CurrentPlanAssumptions().small_grid;
   if (eligible && small_grid != 0 && blocks < SmCount()) {
     p.lanes = 16, p.rounds = 1;

@@ -392,6 +392,14 @@ inline const Tuning& GetTuning() {
 
 inline size_t Align(size_t v) { return (v + 255) / 256 * 256; }
 
+// Whether a grid under one wave takes the small-grid plans (the forward's
+// smaller tiles, the sample kernel's 16-lane slices): at least 2^18 output
+// elements a group. Below that the launch is the time, and the tests' small
+// shapes keep the plans they were written to cover.
+inline bool SmallGridPlansPay(const ConvShape& s) {
+  return s.n * s.ho * s.wo * s.channels_per_group() >= (int64_t{1} << 18);
+}
+
 // What a kernel plan assumes of the GPU. Launches plan for the current
 // device; a workspace query for any GPU (PortableBackwardScratchBytes) sets
 // these for its own plans only, and puts them back.

@@ -318,16 +318,15 @@ inline int ForwardLanes(int64_t vectors, int lanes) {
   return best;
 }
 
-// A grid under one wave with real work (at least 2^18 output elements a
-// group: batch 1, e.g. (1, 32, 32, 512), makes 16 tiles of 64 pixels, 64
-// blocks with its channel splits on 132 SMs) takes smaller tiles, down to 16
-// pixels, until the tiles and channel splits fill the SMs. Measured on an
-// H200 (benchmarks/RESULTS.md, tuning key forward_tile=16): (1, 32, 32, 512)
-// forward 0.0139 -> 0.0077 ms float32, 0.0236 -> 0.0088 bfloat16. Smaller
-// problems (the tests' shapes) keep their tiles: their time is the launch.
+// A grid under one wave (batch 1, e.g. (1, 32, 32, 512), makes 16 tiles of
+// 64 pixels, 64 blocks with its channel splits on 132 SMs) takes smaller
+// tiles, down to 16 pixels, until the tiles and channel splits fill the SMs
+// (where SmallGridPlansPay). Measured on an H200 (benchmarks/RESULTS.md,
+// tuning key forward_tile=16): (1, 32, 32, 512) forward 0.0139 -> 0.0077 ms
+// float32, 0.0236 -> 0.0088 bfloat16.
 inline Plan WithSmallGridTiles(const ConvShape& s, Plan p) {
+  if (!SmallGridPlansPay(s)) return p;
   const int64_t lane_rounds = (s.channels_per_group() / p.vec + p.lanes - 1) / p.lanes;
-  if (s.n * s.ho * s.wo * s.channels_per_group() < (int64_t{1} << 18)) return p;
   while (p.tile_pixels > 16 && p.tiles * s.groups * lane_rounds < SmCount()) {
     p = WithTilePixels(s, p, p.tile_pixels / 2);
   }
