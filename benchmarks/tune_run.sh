@@ -8,13 +8,14 @@
 # in the sample kernel), fit (the sample kernel's lanes and vectors a lane
 # fitted to the group, with the forward's lanes, at the model layers), scatter
 # (the gather path's sample kernel with or without the atomics compiled in),
-# gather (vectors a lane in the gather).
+# gather (vectors a lane in the gather), band (the band gather against the run
+# gather, and its segment width and samples a step).
 # Variants are picked with
 # JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
-sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter gather}
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter gather band}
 want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
@@ -102,6 +103,17 @@ if want gather; then
   JAX_DEFORM_CUDA_TUNING=gather_vectors=1 timeout 200 python3 -m pytest -q -m gpu \
     tests/test_api.py tests/test_determinism.py -k "gradients_match or bitwise" > "$out/gather_tests.log" 2>&1
   tail -1 "$out/gather_tests.log"
+fi
+if want band; then
+  # The two gathers (cuda_grad_x_gather.cu: UseBandGather picks by channels a
+  # group) and the band gather's segment width and samples a step, on the
+  # channel counts either side of the rule.
+  for v in "" gather_kernel=runs gather_kernel=band gather_segment=8 gather_band_step=1; do
+    bench "band3_${v:-default}" "$v" --shape 16,64,64,512 --shape 8,128,128,128 --shape 32,56,56,64 \
+      --dtype float32 --dtype bfloat16 "${bwd[@]}"
+    bench "band7_${v:-default}" "$v" --shape 32,56,56,96 --shape 32,28,28,192 --kernel 7 \
+      --dtype float32 --dtype bfloat16 "${bwd[@]}"
+  done
 fi
 python3 - "$out" <<'PY'
 import json, sys, glob, os, re

@@ -340,7 +340,7 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
 // forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,sample_rounds=2,sample_fit=1,sample_vec=4,
-// backward_kernel=1,grad_x=gather,gather_vectors=1" (unset: the defaults below,
+// backward_kernel=1,grad_x=gather,gather_vectors=1,gather_kernel=runs,gather_segment=8,gather_band_step=1" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
   int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
@@ -354,7 +354,10 @@ struct Tuning {
   int sample_no_scatter = -1;            // 0: the gather path runs the variant with atomics compiled in
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
-  int gather_vectors = 0;                // 1: one vector a lane in the gather; 0: default (up to 2)
+  int gather_vectors = 0;                // 1: one vector a lane in the run gather; 0: default (up to 2)
+  int gather_kernel = 0;                 // 0: default, 1 (gather_kernel=runs): run gather, 2 (=band): band gather
+  int gather_segment = 0;                // columns a sub-warp of the band gather; 0: default (4)
+  int gather_band_step = 0;              // 1: the band gather's samples one at a time; 0: default (2)
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
 };
 
@@ -379,6 +382,11 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("sample_no_scatter=")) t.sample_no_scatter = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("gather_vectors=")) t.gather_vectors = std::atoi(v);
+  if (const char* v = value("gather_kernel=")) {
+    t.gather_kernel = std::strncmp(v, "runs", 4) == 0 ? 1 : std::strncmp(v, "band", 4) == 0 ? 2 : 0;
+  }
+  if (const char* v = value("gather_segment=")) t.gather_segment = std::max(1, std::atoi(v));
+  if (const char* v = value("gather_band_step=")) t.gather_band_step = std::atoi(v);
   if (const char* v = value("grad_x=")) {
     t.grad_x = std::strncmp(v, "atomic", 6) == 0 ? 1 : std::strncmp(v, "gather", 6) == 0 ? 2 : 0;
   }

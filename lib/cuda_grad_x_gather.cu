@@ -22,16 +22,41 @@ constexpr int kThreads = 256;
 // 1, 2 and 3 it is, cells (y + 1, x + 1), (y + 1, x), (y, x + 1) and (y, x)
 // of the padded grid. A corner outside the image is nobody's destination, so
 // it is never read. One sort item a sample, where one a corner took four
-// times the items and 1.5 times the bytes an item. The gather walks a
-// destination's samples tap by tap (each tap's four cells' runs in corner
-// order), so that a tap's weights multiply the sum of all its samples once.
+// times the items and 1.5 times the bytes an item. Two gathers read them:
+// the run gather, a sub-warp per destination, walks its samples tap by tap
+// (each tap's four cells' runs in corner order), so that a tap's weights
+// multiply the sum of all its samples once; the band gather, a sub-warp per
+// band of destinations, walks cells column by column and adds each sample to
+// the corners it holds in registers (UseBandGather says which).
 __host__ __device__ int64_t Destinations(const ConvShape& s) { return s.n * s.h * s.w * s.groups; }
 __host__ __device__ int64_t Samples(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps(); }
 __host__ __device__ int64_t Cells(const ConvShape& s) { return s.n * (s.h + 1) * (s.w + 1) * s.groups; }
-// Sort keys: cell * taps + tap, so the samples of one (cell, tap) are one
-// run of the sorted order, found from its key alone. The key of samples
-// outside the image, Cells * taps, sorts last and is never read.
-__host__ __device__ int64_t OutsideKey(const ConvShape& s) { return Cells(s) * s.taps(); }
+
+// Which gather makes grad_x: the band gather (BandGatherKernel) or the run
+// gather (RunGatherKernel, which also takes depth multipliers). Measured on
+// an H200 (benchmarks/RESULTS.md, "The band gather"), gather kernel ms, band
+// (segments of 4 columns) against runs: faster with 96 to 128 channels a
+// group (0.247 against 0.305 at 128 float32 channels, 0.739 against 0.881 at
+// 7x7 with 96 bfloat16 ones), slower with more (0.478 against 0.407 at 512
+// float32 channels, four slices that each redo the samples' scales; 0.321
+// against 0.303 at 192 bfloat16 ones) and mixed with 64 (float32 0.150
+// against 0.164, bfloat16 0.150 against 0.138). Tuning key gather_kernel=runs
+// or =band forces one.
+bool UseBandGather(const ConvShape& s) {
+  if (s.multiplier != 1) return false;
+  const int choice = GetTuning().gather_kernel;
+  if (choice != 0) return choice == 2;
+  const int64_t cg = s.channels_per_group();
+  return cg >= 96 && cg <= 128;
+}
+
+// Sort keys: the band gather walks a cell's samples whatever their taps, so
+// its key is the cell; the run gather's is cell * taps + tap, so that the
+// samples of one (cell, tap) are one run of the sorted order, found from its
+// key alone. KeyTaps is that multiplier, passed to the kernels. The key of
+// samples outside the image, Cells * KeyTaps, sorts last and is never read.
+int64_t KeyTaps(const ConvShape& s) { return UseBandGather(s) ? 1 : s.taps(); }
+__host__ __device__ int64_t OutsideKey(const ConvShape& s, int64_t key_taps) { return Cells(s) * key_taps; }
 
 // A sample's sorted value names it as (output pixel << TapBits) | tap: the
 // gather splits it with a shift and a mask, where pixel * taps + tap took a
@@ -45,7 +70,7 @@ __host__ __device__ int TapBits(int64_t taps) {
 // Bits the sort must look at: keys run from 0 to OutsideKey.
 int KeyBits(const ConvShape& s) {
   int bits = 1;
-  while ((int64_t{1} << bits) <= OutsideKey(s)) ++bits;
+  while ((int64_t{1} << bits) <= OutsideKey(s, KeyTaps(s))) ++bits;
   return bits;
 }
 
@@ -84,7 +109,7 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
     at += Align(bytes);
     return here;
   };
-  d.starts = take((OutsideKey(s) + 1) * sizeof(unsigned));
+  d.starts = take((OutsideKey(s, KeyTaps(s)) + 1) * sizeof(unsigned));
   d.keys_in = take(samples * sizeof(unsigned));
   d.keys_out = take(samples * sizeof(unsigned));
   d.where_in = take(samples * sizeof(unsigned));
@@ -102,16 +127,16 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
 // samples start is found in the sorted keys afterwards (SegmentStartsKernel),
 // where an integer atomic per item made this kernel as slow as the sort.
 template <typename T>
-__global__ void SampleKeysKernel(ConvShape s, const T* __restrict__ offset, const T* __restrict__ mask,
-                                 unsigned* __restrict__ keys, unsigned* __restrict__ where,
-                                 SampleFracOf<Accum<T>>* __restrict__ fracs) {
+__global__ void SampleKeysKernel(ConvShape s, unsigned key_taps, const T* __restrict__ offset,
+                                 const T* __restrict__ mask, unsigned* __restrict__ keys,
+                                 unsigned* __restrict__ where, SampleFracOf<Accum<T>>* __restrict__ fracs) {
   using A = Accum<T>;
   // 32-bit indices: GatherFits keeps the sample count under 2^31, and 64-bit
   // division is a long subroutine.
   const unsigned taps = static_cast<unsigned>(s.taps()), groups = static_cast<unsigned>(s.groups);
   const unsigned total = static_cast<unsigned>(Samples(s)), kw = static_cast<unsigned>(s.kw);
   const int tap_bits = TapBits(taps);
-  const unsigned outside = static_cast<unsigned>(OutsideKey(s));
+  const unsigned outside = static_cast<unsigned>(OutsideKey(s, key_taps));
   for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
     const unsigned k = e % taps, pixel_group = e / taps, g = pixel_group % groups,
                    pixel = pixel_group / groups;
@@ -126,7 +151,7 @@ __global__ void SampleKeysKernel(ConvShape s, const T* __restrict__ offset, cons
       // Padded cell of the top-left corner: y0 + 1 in [0, H], x0 + 1 in [0, W].
       const int64_t cell = ((at.image * (s.h + 1) + static_cast<int64_t>(fy) + 1) * (s.w + 1) +
                             static_cast<int64_t>(fx) + 1) * s.groups + g;
-      key = static_cast<unsigned>(cell) * taps + k;
+      key = static_cast<unsigned>(cell) * key_taps + (key_taps > 1 ? k : 0);
       f.ly = py - fy;
       f.lx = px - fx;
     }
@@ -137,7 +162,7 @@ __global__ void SampleKeysKernel(ConvShape s, const T* __restrict__ offset, cons
 }
 
 // starts[k] = the first sorted item whose key is k or more, for k in
-// [0, OutsideKey]: the samples of key k (cell k / taps, tap k % taps) are
+// [0, OutsideKey]: the samples of key k (a cell, or a cell's tap) are
 // [starts[k], starts[k + 1]), and starts[OutsideKey] is where the samples
 // outside the image begin. One thread per key, a binary search over the
 // sorted keys (whatever the offsets, no thread walks more than log2 items).
@@ -166,9 +191,9 @@ __global__ void SegmentStartsKernel(const unsigned* __restrict__ keys, unsigned 
 // (with more blocks the compiler serialized them).
 template <typename T, int V, int R, int L>
 __global__ void __launch_bounds__(kThreads, 3)
-    GatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
-                 const unsigned* __restrict__ starts, const unsigned* __restrict__ where,
-                 const SampleFracOf<Accum<T>>* __restrict__ fracs, Accum<T>* __restrict__ grad_x) {
+    RunGatherKernel(ConvShape s, const T* __restrict__ weight, const T* __restrict__ grad_y,
+                    const unsigned* __restrict__ starts, const unsigned* __restrict__ where,
+                    const SampleFracOf<Accum<T>>* __restrict__ fracs, Accum<T>* __restrict__ grad_x) {
   using A = Accum<T>;
   const int sub = (threadIdx.x % 32) / L;
   const int64_t dest =
@@ -381,23 +406,23 @@ __global__ void __launch_bounds__(kThreads, 3)
 }
 
 template <typename T, int V, int R, int L>
-void LaunchGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
-                      const unsigned* starts, const unsigned* where,
-                      const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
+void LaunchRunGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
+                         const unsigned* starts, const unsigned* where,
+                         const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
   constexpr int kPerBlock = kThreads / L;  // destinations a block
   const int64_t blocks = (Destinations(s) + kPerBlock - 1) / kPerBlock;
-  GatherKernel<T, V, R, L><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, where,
-                                                            fracs, grad_x);
+  RunGatherKernel<T, V, R, L><<<blocks, kThreads, 0, stream>>>(s, weight, grad_y, starts, where,
+                                                               fracs, grad_x);
 }
 
 template <typename T, int V>
-void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
-                  const unsigned* starts, const unsigned* where,
-                  const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
+void LaunchRunGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
+                     const unsigned* starts, const unsigned* where,
+                     const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
   const int64_t vectors = s.channels_per_group() / V;
   auto launch = [&](auto r, auto l) {
-    LaunchGatherWith<T, V, decltype(r)::value, decltype(l)::value>(stream, s, weight, grad_y,
-                                                                   starts, where, fracs, grad_x);
+    LaunchRunGatherWith<T, V, decltype(r)::value, decltype(l)::value>(stream, s, weight, grad_y,
+                                                                      starts, where, fracs, grad_x);
   };
   using std::integral_constant;
   // At most 2 vectors a lane (a group of more than 64 is walked in slices),
@@ -418,6 +443,210 @@ void LaunchGather(cudaStream_t stream, const ConvShape& s, const T* weight, cons
   }
 }
 
+// The band gather. A sub-warp of L lanes (each lane one vector of V channels
+// of the group; more vectors take more slices, grid.y) owns the destinations
+// of B input rows by `segment` columns of one image and group, and walks the
+// cells that feed them column by column: cell column x0 - 1 to x_end - 1,
+// each column's B + 1 cell rows y0 - 1 to y0 + B - 1, each cell's samples in
+// sorted order. A sample of cell (cy, cx) adds (mask * bilinear weight of
+// the corner) * grad_y * weight of its tap to its corners (cy, cx), (cy,
+// cx + 1), (cy + 1, cx), (cy + 1, cx + 1) that lie in the band: column cx in
+// `cur`, column cx + 1 in `next`, registers of B rows. After cell column cx,
+// destination column cx has all four of its cells' samples: it is stored,
+// and next becomes cur. So each sample's grad_y row is read about
+// (1 + 1/B)(1 + 1/segment) times, where a gather per destination reads it
+// four times (once per corner), and the cells' starts are one per cell, not
+// one per (cell, tap). Every destination's additions come in a fixed order
+// (its cells (y - 1, x - 1), (y, x - 1), (y - 1, x), (y, x), each in sorted
+// order); it is written once, by the one sub-warp that owns it.
+template <int V>
+constexpr int BandRows() { return V >= 8 ? 2 : 4; }  // 2 * B * V accumulators a lane: 32 floats
+
+// U: samples a step whose loads are in flight together (1 or 2); with 2 the
+// registers allow two blocks an SM (about 100 a thread), with 1 three.
+template <typename T, int V, int L, int U>
+__global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
+    BandGatherKernel(ConvShape s, int segment, const T* __restrict__ weight,
+                     const T* __restrict__ grad_y, const unsigned* __restrict__ starts,
+                     const unsigned* __restrict__ where,
+                     const SampleFracOf<Accum<T>>* __restrict__ fracs, Accum<T>* __restrict__ grad_x) {
+  using A = Accum<T>;
+  constexpr int B = BandRows<V>();
+  const int sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
+  const unsigned lanes_mask = L == 32 ? 0xffffffffu : ((1u << L) - 1u) << (sub * L);
+  // GatherFits: cells (and so bands and images) are numbered in 32 bits.
+  const unsigned h = static_cast<unsigned>(s.h), w = static_cast<unsigned>(s.w);
+  const unsigned groups = static_cast<unsigned>(s.groups), seg = static_cast<unsigned>(segment);
+  const unsigned bands = (h + B - 1) / B, segments = (w + seg - 1) / seg;
+  const int64_t unit =
+      (static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32) * (32 / L) + sub;
+  if (unit >= s.n * groups * bands * segments) return;  // the whole sub-warp: it shares unit
+  unsigned rest = static_cast<unsigned>(unit);
+  const unsigned g = rest % groups;
+  rest /= groups;
+  const unsigned x0 = rest % segments * seg;
+  rest /= segments;
+  const unsigned y0 = rest % bands * B, image = rest / bands;
+  const unsigned x_end = min(x0 + seg, w);
+  const int64_t cg = s.channels_per_group(), c = s.c;  // M = 1: c output channels
+  const int vectors = static_cast<int>(cg / V);
+  const int vec = blockIdx.y * L + lane;
+  // Lanes past the group's channels read the last vector and never store it,
+  // so every load is unconditional.
+  const int64_t col = g * cg + static_cast<int64_t>(min(vec, vectors - 1)) * V;
+  const unsigned taps = static_cast<unsigned>(s.taps());
+  const int tap_bits = TapBits(taps);
+  const unsigned tap_mask = (1u << tap_bits) - 1u;
+  const unsigned row_cells = (w + 1) * groups;  // cells a padded row
+
+  A cur[B][V], next[B][V];
+#pragma unroll
+  for (int r = 0; r < B; ++r) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) cur[r][v] = next[r][v] = A(0);
+  }
+  // Cell (y0 - 1, x0 - 1): padded row y0, padded column x0.
+  const unsigned first_cell = ((image * (h + 1) + y0) * (w + 1) + x0) * groups + g;
+  for (unsigned cx = x0; cx <= x_end; ++cx) {  // padded cell column: cx - 1 in the image
+    unsigned cell = first_cell + (cx - x0) * groups;
+#pragma unroll
+    for (int r = 0; r <= B; ++r, cell += row_cells) {
+      // Cell row y0 - 1 + r; its top corners feed band row r - 1, its bottom ones row r.
+      if (y0 + r > h) break;  // past the last cell row (H - 1)
+      const unsigned begin = starts[cell], end = starts[cell + 1];
+      for (unsigned a0 = begin; a0 < end; a0 += L) {
+        // Each lane makes one sample's corner scales; shuffles hand them out.
+        const unsigned item = a0 + lane;
+        unsigned mine = 0;
+        A scale[4] = {A(0), A(0), A(0), A(0)};
+        if (item < end) {
+          mine = where[item];
+          const SampleFracOf<A> f =
+              fracs[(static_cast<int64_t>(mine >> tap_bits) * groups + g) * taps + (mine & tap_mask)];
+          const A hy = A(1) - f.ly, hx = A(1) - f.lx;
+          scale[0] = f.mask * (hy * hx);
+          scale[1] = f.mask * (hy * f.lx);
+          scale[2] = f.mask * (f.ly * hx);
+          scale[3] = f.mask * (f.ly * f.lx);
+        }
+        const int count = static_cast<int>(min(static_cast<unsigned>(L), end - a0));
+        auto fetch = [&](int j, unsigned& sample, A (&sc)[4]) {
+          sample = __shfl_sync(lanes_mask, mine, j, L);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const bool used = i < 2 ? r >= 1 : r < B;  // corners in the band
+            sc[i] = used ? __shfl_sync(lanes_mask, scale[i], j, L) : A(0);
+          }
+        };
+        auto load = [&](unsigned sample, A (&gv)[V], A (&wv)[V]) {
+          LoadVec<T, V>(grad_y + static_cast<int64_t>(sample >> tap_bits) * c + col, gv);
+          LoadVec<T, V>(weight + static_cast<int64_t>(sample & tap_mask) * c + col, wv);
+        };
+        auto add = [&](const A (&sc)[4], const A (&gv)[V], const A (&wv)[V]) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const A gw = gv[v] * wv[v];
+            if (r >= 1) {
+              cur[r - 1][v] += sc[0] * gw;
+              next[r - 1][v] += sc[1] * gw;
+            }
+            if (r < B) {
+              cur[r][v] += sc[2] * gw;
+              next[r][v] += sc[3] * gw;
+            }
+          }
+        };
+        // U samples a step, all their loads issued before any is added, in
+        // the cell's order throughout; then the last count % U one by one.
+        int j = 0;
+        if constexpr (U > 1) {
+#pragma unroll 1
+          for (; j + U <= count; j += U) {
+            unsigned sample[U];
+            A sc[U][4], gv[U][V], wv[U][V];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              fetch(j + u, sample[u], sc[u]);
+              load(sample[u], gv[u], wv[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) add(sc[u], gv[u], wv[u]);
+          }
+        }
+#pragma unroll 1
+        for (; j < count; ++j) {
+          unsigned sample;
+          A sc[4], gv[V], wv[V];
+          fetch(j, sample, sc);
+          load(sample, gv, wv);
+          add(sc, gv, wv);
+        }
+      }
+    }
+    // Destination column cx - 1 is complete (the first, x0 - 1, is another
+    // segment's: only its right-hand corners were wanted).
+    if (cx > x0 && vec < vectors) {
+#pragma unroll
+      for (int r = 0; r < B; ++r) {
+        if (y0 + r < h) {
+          A* o = grad_x + ((static_cast<int64_t>(image) * h + y0 + r) * w + cx - 1) * c + col;
+#pragma unroll
+          for (int v = 0; v < V; ++v) o[v] = cur[r][v];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < B; ++r) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        cur[r][v] = next[r][v];
+        next[r][v] = A(0);
+      }
+    }
+  }
+}
+
+template <typename T, int V, int L, int U>
+void LaunchBandGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
+                          const unsigned* starts, const unsigned* where,
+                          const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
+  constexpr int B = BandRows<V>();
+  const int tuned = GetTuning().gather_segment;
+  const int segment = tuned > 0 ? tuned : 4;
+  const int64_t units = s.n * s.groups * ((s.h + B - 1) / B) * ((s.w + segment - 1) / segment);
+  constexpr int kPerBlock = kThreads / L;  // units a block
+  const int64_t vectors = s.channels_per_group() / V;
+  const dim3 grid(static_cast<unsigned>((units + kPerBlock - 1) / kPerBlock),
+                  static_cast<unsigned>((vectors + L - 1) / L));
+  BandGatherKernel<T, V, L, U><<<grid, kThreads, 0, stream>>>(s, segment, weight, grad_y, starts, where,
+                                                          fracs, grad_x);
+}
+
+template <typename T, int V>
+void LaunchBandGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
+                      const unsigned* starts, const unsigned* where,
+                      const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
+  const int64_t vectors = s.channels_per_group() / V;
+  const bool one = GetTuning().gather_band_step == 1;
+  auto launch = [&](auto l) {
+    if (one) {
+      LaunchBandGatherWith<T, V, decltype(l)::value, 1>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
+    } else {
+      LaunchBandGatherWith<T, V, decltype(l)::value, 2>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
+    }
+  };
+  using std::integral_constant;
+  if (vectors <= 4) {
+    launch(integral_constant<int, 4>{});
+  } else if (vectors <= 8) {
+    launch(integral_constant<int, 8>{});
+  } else if (vectors <= 16) {
+    launch(integral_constant<int, 16>{});
+  } else {
+    launch(integral_constant<int, 32>{});
+  }
+}
+
 template <typename T>
 cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, const T* mask,
                    const T* weight, const T* grad_y, Accum<T>* grad_x, unsigned char* scratch) {
@@ -431,22 +660,31 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   auto* fracs = reinterpret_cast<SampleFracOf<A>*>(scratch + d.fracs);
   const int samples = static_cast<int>(Samples(s));
   const int64_t grid = std::min<int64_t>((Samples(s) + kThreads - 1) / kThreads, 1 << 20);
-  SampleKeysKernel<T><<<grid, kThreads, 0, stream>>>(s, offset, mask, keys_in, where_in, fracs);
+  const int64_t key_taps = KeyTaps(s);
+  SampleKeysKernel<T><<<grid, kThreads, 0, stream>>>(s, static_cast<unsigned>(key_taps), offset, mask,
+                                                     keys_in, where_in, fracs);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   size_t sort_bytes = d.sort_bytes;
   err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out, where_in,
                                         where_out, samples, 0, KeyBits(s), stream);
   if (err != cudaSuccess) return err;
-  const int64_t keys = OutsideKey(s) + 1;
-  SegmentStartsKernel<<<static_cast<unsigned>((keys + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      keys_out, static_cast<unsigned>(samples), static_cast<unsigned>(OutsideKey(s)), starts);
+  const int64_t outside = OutsideKey(s, key_taps);
+  SegmentStartsKernel<<<static_cast<unsigned>((outside + kThreads) / kThreads), kThreads, 0, stream>>>(
+      keys_out, static_cast<unsigned>(samples), static_cast<unsigned>(outside), starts);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
-  if (s.multiplier == 1 && s.channels_per_group() % kVec == 0) {
-    LaunchGather<T, kVec>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
+  const bool vectors = s.multiplier == 1 && s.channels_per_group() % kVec == 0;
+  if (UseBandGather(s)) {
+    if (vectors) {
+      LaunchBandGather<T, kVec>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
+    } else {
+      LaunchBandGather<T, 1>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
+    }
+  } else if (vectors) {
+    LaunchRunGather<T, kVec>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
   } else {
-    LaunchGather<T, 1>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
+    LaunchRunGather<T, 1>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
   }
   return cudaGetLastError();
 }
@@ -454,7 +692,7 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
 }  // namespace
 
 bool GatherFits(const ConvShape& s) {
-  return OutsideKey(s) < std::numeric_limits<unsigned>::max() &&
+  return OutsideKey(s, KeyTaps(s)) < std::numeric_limits<unsigned>::max() &&
          Samples(s) < std::numeric_limits<int>::max() &&
          (s.n * s.ho * s.wo << TapBits(s.taps())) < std::numeric_limits<unsigned>::max();
 }

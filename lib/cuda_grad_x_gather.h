@@ -1,11 +1,13 @@
 // grad_x of the CUDA backward as a gather: every (output pixel, group, tap)
 // sample whose position lies in the image adds to its four corners. Samples
-// are sorted by (top-left corner, tap) with a stable radix sort (so within
-// those they stay in sample order, whatever the scheduling); one warp per
-// destination (image, input pixel, group) adds, across the channels of the
-// group, the samples of the four cells whose corner 0, 1, 2 and 3 it is, in
-// that order, one multiply by the tap's weights per run of a tap: no float
-// atomics, bitwise reproducible, and grad_x is written exactly once.
+// are sorted by their top-left corner (and tap, for the run gather) with a
+// stable radix sort (so within those they stay in sample order, whatever the
+// scheduling); each destination (image, input pixel, group) adds, across the
+// channels of the group, the samples of the four cells whose corner 0, 1, 2
+// and 3 it is, in a fixed order: a sub-warp per destination (the run gather)
+// or per band of destinations whose sums it keeps in registers while it walks
+// their cells (the band gather). No float atomics, bitwise reproducible, and
+// grad_x is written exactly once.
 #ifndef JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
 #define JAX_DEFORM_CUDA_GRAD_X_GATHER_H_
 

@@ -5,6 +5,9 @@ marker, on a CUDA device."""
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +253,22 @@ def test_gradients_match_reference_autodiff(rng, device, case):
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
 def test_deterministic_gradients_match_reference_autodiff(rng, case):
     _check_gradients(rng, device_of("gpu"), case, functools.partial(ffi_conv, deterministic=True))
+
+
+# grad_x has two gathers (cuda_grad_x_gather.cu): the band gather for groups
+# of 96 to 128 channels, the run gather for the rest, so most cases above meet
+# one of them only. Each runs every case here, forced by its tuning key in a
+# fresh process (the key is read once a process).
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather", ["band", "runs"])
+def test_deterministic_gradients_with_each_gather(gather):
+    env = dict(os.environ, JAX_DEFORM_CUDA_TUNING=f"gather_kernel={gather}")
+    test = f"{__file__}::test_deterministic_gradients_match_reference_autodiff"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", test],
+                         env=env, capture_output=True, text=True, check=False,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f"{len(GRAD_CASES)} passed" in run.stdout, run.stdout[-2000:]
 
 
 def test_backward_writes_every_output(rng, device):
