@@ -415,32 +415,40 @@ void LaunchRunGatherWith(cudaStream_t stream, const ConvShape& s, const T* weigh
                                                                fracs, grad_x);
 }
 
+// Calls launch(std::integral_constant<int, L>) with the lanes a sub-warp of
+// either gather takes for `vectors` channel vectors a group: the fewest of 4,
+// 8, 16 and 32 that hold them all, or 32 (in slices) past that.
+template <typename F>
+void WithGatherLanes(int64_t vectors, F&& launch) {
+  using std::integral_constant;
+  if (vectors <= 4) {
+    launch(integral_constant<int, 4>{});
+  } else if (vectors <= 8) {
+    launch(integral_constant<int, 8>{});
+  } else if (vectors <= 16) {
+    launch(integral_constant<int, 16>{});
+  } else {
+    launch(integral_constant<int, 32>{});
+  }
+}
+
 template <typename T, int V>
 void LaunchRunGather(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
                      const unsigned* starts, const unsigned* where,
                      const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
   const int64_t vectors = s.channels_per_group() / V;
-  auto launch = [&](auto r, auto l) {
-    LaunchRunGatherWith<T, V, decltype(r)::value, decltype(l)::value>(stream, s, weight, grad_y,
-                                                                      starts, where, fracs, grad_x);
-  };
-  using std::integral_constant;
   // At most 2 vectors a lane (a group of more than 64 is walked in slices),
   // so that the loads of two samples are in flight together: with 4, 80
   // registers (three blocks an SM) left room for one sample's, and ptxas
   // issued its first load apart from the other three. gather_vectors=1: one.
-  const bool one = GetTuning().gather_vectors == 1;
-  if (vectors <= 4) {
-    launch(integral_constant<int, 1>{}, integral_constant<int, 4>{});
-  } else if (vectors <= 8) {
-    launch(integral_constant<int, 1>{}, integral_constant<int, 8>{});
-  } else if (vectors <= 16) {
-    launch(integral_constant<int, 1>{}, integral_constant<int, 16>{});
-  } else if (vectors <= 32 || one) {
-    launch(integral_constant<int, 1>{}, integral_constant<int, 32>{});
-  } else {
-    launch(integral_constant<int, 2>{}, integral_constant<int, 32>{});
+  if (vectors > 32 && GetTuning().gather_vectors != 1) {
+    LaunchRunGatherWith<T, V, 2, 32>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
+    return;
   }
+  WithGatherLanes(vectors, [&](auto l) {
+    LaunchRunGatherWith<T, V, 1, decltype(l)::value>(stream, s, weight, grad_y, starts, where, fracs,
+                                                     grad_x);
+  });
 }
 
 // The band gather. A sub-warp of L lanes (each lane one vector of V channels
@@ -635,16 +643,7 @@ void LaunchBandGather(cudaStream_t stream, const ConvShape& s, const T* weight, 
       LaunchBandGatherWith<T, V, decltype(l)::value, 2>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
     }
   };
-  using std::integral_constant;
-  if (vectors <= 4) {
-    launch(integral_constant<int, 4>{});
-  } else if (vectors <= 8) {
-    launch(integral_constant<int, 8>{});
-  } else if (vectors <= 16) {
-    launch(integral_constant<int, 16>{});
-  } else {
-    launch(integral_constant<int, 32>{});
-  }
+  WithGatherLanes(vectors, launch);
 }
 
 template <typename T>
