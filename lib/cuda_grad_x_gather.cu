@@ -467,19 +467,25 @@ void LaunchRunGather(cudaStream_t stream, const ConvShape& s, const T* weight, c
 // one per (cell, tap). Every destination's additions come in a fixed order
 // (its cells (y - 1, x - 1), (y, x - 1), (y - 1, x), (y, x), each in sorted
 // order); it is written once, by the one sub-warp that owns it.
-template <int V>
-constexpr int BandRows() { return V >= 8 ? 2 : 4; }  // 2 * B * V accumulators a lane: 32 floats
+// B: destination rows a band, for V * R channels a lane: the two columns of
+// accumulators (2 * B * R * V) are 32 floats, or 64 at 16 (two 8-channel
+// vectors a lane).
+template <int VR>
+constexpr int BandRows() { return VR >= 8 ? 2 : 4; }
 
-// U: samples a step whose loads are in flight together (1 or 2); with 2 the
-// registers allow two blocks an SM (about 100 a thread), with 1 three.
-template <typename T, int V, int L, int U>
-__global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
+// R: vectors of V channels a lane (vector q of lane l is slice * L * R + q * L
+// + l, so each load of a sub-warp is one contiguous row segment); more than a
+// slice's L * R vectors take more slices, grid.y. U: samples a step whose
+// loads are in flight together (1 or 2); with 2 samples or 2 vectors the
+// registers allow two blocks an SM (about 100 a thread), else three.
+template <typename T, int V, int L, int U, int R>
+__global__ void __launch_bounds__(kThreads, U == 2 || R == 2 ? 2 : 3)
     BandGatherKernel(ConvShape s, int segment, const T* __restrict__ weight,
                      const T* __restrict__ grad_y, const unsigned* __restrict__ starts,
                      const unsigned* __restrict__ where,
                      const SampleFracOf<Accum<T>>* __restrict__ fracs, Accum<T>* __restrict__ grad_x) {
   using A = Accum<T>;
-  constexpr int B = BandRows<V>();
+  constexpr int B = BandRows<V * R>();
   const int sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   const unsigned lanes_mask = L == 32 ? 0xffffffffu : ((1u << L) - 1u) << (sub * L);
   // GatherFits: cells (and so bands and images) are numbered in 32 bits.
@@ -498,20 +504,28 @@ __global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
   const unsigned x_end = min(x0 + seg, w);
   const int64_t cg = s.channels_per_group(), c = s.c;  // M = 1: c output channels
   const int vectors = static_cast<int>(cg / V);
-  const int vec = blockIdx.y * L + lane;
   // Lanes past the group's channels read the last vector and never store it,
   // so every load is unconditional.
-  const int64_t col = g * cg + static_cast<int64_t>(min(vec, vectors - 1)) * V;
+  int vec[R];
+  int64_t col[R];
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    vec[q] = (blockIdx.y * R + q) * L + lane;
+    col[q] = g * cg + static_cast<int64_t>(min(vec[q], vectors - 1)) * V;
+  }
   const unsigned taps = static_cast<unsigned>(s.taps());
   const int tap_bits = TapBits(taps);
   const unsigned tap_mask = (1u << tap_bits) - 1u;
   const unsigned row_cells = (w + 1) * groups;  // cells a padded row
 
-  A cur[B][V], next[B][V];
+  A cur[B][R][V], next[B][R][V];
 #pragma unroll
   for (int r = 0; r < B; ++r) {
 #pragma unroll
-    for (int v = 0; v < V; ++v) cur[r][v] = next[r][v] = A(0);
+    for (int q = 0; q < R; ++q) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) cur[r][q][v] = next[r][q][v] = A(0);
+    }
   }
   // Cell (y0 - 1, x0 - 1): padded row y0, padded column x0.
   const unsigned first_cell = ((image * (h + 1) + y0) * (w + 1) + x0) * groups + g;
@@ -546,21 +560,29 @@ __global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
             sc[i] = used ? __shfl_sync(lanes_mask, scale[i], j, L) : A(0);
           }
         };
-        auto load = [&](unsigned sample, A (&gv)[V], A (&wv)[V]) {
-          LoadVec<T, V>(grad_y + static_cast<int64_t>(sample >> tap_bits) * c + col, gv);
-          LoadVec<T, V>(weight + static_cast<int64_t>(sample & tap_mask) * c + col, wv);
-        };
-        auto add = [&](const A (&sc)[4], const A (&gv)[V], const A (&wv)[V]) {
+        auto load = [&](unsigned sample, A (&gv)[R][V], A (&wv)[R][V]) {
+          const T* gy = grad_y + static_cast<int64_t>(sample >> tap_bits) * c;
+          const T* wk = weight + static_cast<int64_t>(sample & tap_mask) * c;
 #pragma unroll
-          for (int v = 0; v < V; ++v) {
-            const A gw = gv[v] * wv[v];
-            if (r >= 1) {
-              cur[r - 1][v] += sc[0] * gw;
-              next[r - 1][v] += sc[1] * gw;
-            }
-            if (r < B) {
-              cur[r][v] += sc[2] * gw;
-              next[r][v] += sc[3] * gw;
+          for (int q = 0; q < R; ++q) {
+            LoadVec<T, V>(gy + col[q], gv[q]);
+            LoadVec<T, V>(wk + col[q], wv[q]);
+          }
+        };
+        auto add = [&](const A (&sc)[4], const A (&gv)[R][V], const A (&wv)[R][V]) {
+#pragma unroll
+          for (int q = 0; q < R; ++q) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const A gw = gv[q][v] * wv[q][v];
+              if (r >= 1) {
+                cur[r - 1][q][v] += sc[0] * gw;
+                next[r - 1][q][v] += sc[1] * gw;
+              }
+              if (r < B) {
+                cur[r][q][v] += sc[2] * gw;
+                next[r][q][v] += sc[3] * gw;
+              }
             }
           }
         };
@@ -571,7 +593,7 @@ __global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
 #pragma unroll 1
           for (; j + U <= count; j += U) {
             unsigned sample[U];
-            A sc[U][4], gv[U][V], wv[U][V];
+            A sc[U][4], gv[U][R][V], wv[U][R][V];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
               fetch(j + u, sample[u], sc[u]);
@@ -584,7 +606,7 @@ __global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
 #pragma unroll 1
         for (; j < count; ++j) {
           unsigned sample;
-          A sc[4], gv[V], wv[V];
+          A sc[4], gv[R][V], wv[R][V];
           fetch(j, sample, sc);
           load(sample, gv, wv);
           add(sc, gv, wv);
@@ -593,41 +615,49 @@ __global__ void __launch_bounds__(kThreads, U == 2 ? 2 : 3)
     }
     // Destination column cx - 1 is complete (the first, x0 - 1, is another
     // segment's: only its right-hand corners were wanted).
-    if (cx > x0 && vec < vectors) {
+    if (cx > x0) {
 #pragma unroll
       for (int r = 0; r < B; ++r) {
         if (y0 + r < h) {
-          A* o = grad_x + ((static_cast<int64_t>(image) * h + y0 + r) * w + cx - 1) * c + col;
+          A* o = grad_x + ((static_cast<int64_t>(image) * h + y0 + r) * w + cx - 1) * c;
 #pragma unroll
-          for (int v = 0; v < V; ++v) o[v] = cur[r][v];
+          for (int q = 0; q < R; ++q) {
+            if (vec[q] < vectors) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) o[col[q] + v] = cur[r][q][v];
+            }
+          }
         }
       }
     }
 #pragma unroll
     for (int r = 0; r < B; ++r) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        cur[r][v] = next[r][v];
-        next[r][v] = A(0);
+      for (int q = 0; q < R; ++q) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          cur[r][q][v] = next[r][q][v];
+          next[r][q][v] = A(0);
+        }
       }
     }
   }
 }
 
-template <typename T, int V, int L, int U>
+template <typename T, int V, int L, int U, int R>
 void LaunchBandGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
                           const unsigned* starts, const unsigned* where,
                           const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
-  constexpr int B = BandRows<V>();
+  constexpr int B = BandRows<V * R>();
   const int tuned = GetTuning().gather_segment;
   const int segment = tuned > 0 ? tuned : 4;
   const int64_t units = s.n * s.groups * ((s.h + B - 1) / B) * ((s.w + segment - 1) / segment);
   constexpr int kPerBlock = kThreads / L;  // units a block
   const int64_t vectors = s.channels_per_group() / V;
   const dim3 grid(static_cast<unsigned>((units + kPerBlock - 1) / kPerBlock),
-                  static_cast<unsigned>((vectors + L - 1) / L));
-  BandGatherKernel<T, V, L, U><<<grid, kThreads, 0, stream>>>(s, segment, weight, grad_y, starts, where,
-                                                          fracs, grad_x);
+                  static_cast<unsigned>((vectors + L * R - 1) / (L * R)));
+  BandGatherKernel<T, V, L, U, R><<<grid, kThreads, 0, stream>>>(s, segment, weight, grad_y, starts,
+                                                                 where, fracs, grad_x);
 }
 
 template <typename T, int V>
@@ -638,11 +668,20 @@ void LaunchBandGather(cudaStream_t stream, const ConvShape& s, const T* weight, 
   const bool one = GetTuning().gather_band_step == 1;
   auto launch = [&](auto l) {
     if (one) {
-      LaunchBandGatherWith<T, V, decltype(l)::value, 1>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
+      LaunchBandGatherWith<T, V, decltype(l)::value, 1, 1>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
     } else {
-      LaunchBandGatherWith<T, V, decltype(l)::value, 2>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
+      LaunchBandGatherWith<T, V, decltype(l)::value, 2, 1>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
     }
   };
+  if constexpr (V > 1) {
+    if (vectors > 32 && GetTuning().gather_band_vectors == 2) {
+      // Two vectors a lane (tuning key gather_band_vectors=2), one sample a
+      // step: a group of more than 32 vectors in half the slices, each of
+      // which redoes the samples' scales and shuffles.
+      LaunchBandGatherWith<T, V, 32, 1, 2>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
+      return;
+    }
+  }
   WithGatherLanes(vectors, launch);
 }
 
