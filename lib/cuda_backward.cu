@@ -632,6 +632,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
           // Corners outside the image read as zeros, so the weights need no
           // validity factor: whatever multiplies a zero adds nothing.
           const A wgt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+          const bool all_inside = (tap.start[0] | tap.start[1] | tap.start[2] | tap.start[3]) >= 0;
           A dot[4] = {A(0), A(0), A(0), A(0)}, sum_val = A(0);
 #pragma unroll
           for (int q = 0; q < R; ++q) {
@@ -642,15 +643,24 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
 #pragma unroll
             for (int v = 0; v < V; ++v) gcol[v] = gy[q][v] * wv[v];
             // All four corners are loaded before any is used, so their loads
-            // are in flight together rather than one branch at a time.
+            // are in flight together rather than one branch at a time. A tap
+            // with all four in the image (nearly all) loads them unpredicated;
+            // only the others zero the corners outside.
             A corner[4][V];
+            if (all_inside) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              if (tap.start[i] >= 0) {
+              for (int i = 0; i < 4; ++i) {
                 LoadVec<T, V>(reinterpret_cast<const T*>(xc + tap.start[i]), corner[i]);
-              } else {
+              }
+            } else {
 #pragma unroll
-                for (int v = 0; v < V; ++v) corner[i][v] = A(0);
+              for (int i = 0; i < 4; ++i) {
+                if (tap.start[i] >= 0) {
+                  LoadVec<T, V>(reinterpret_cast<const T*>(xc + tap.start[i]), corner[i]);
+                } else {
+#pragma unroll
+                  for (int v = 0; v < V; ++v) corner[i][v] = A(0);
+                }
               }
             }
             A* my_sums = my_weight_sums + (t * R + q) * tap_stride;
