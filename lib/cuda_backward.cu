@@ -513,6 +513,12 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
                          Accum<T>* __restrict__ weight_partial) {
   using A = Accum<T>;
   constexpr int KC = SampleTaps(R), kSub = 32 / L, kPer = kSampleSums / L;
+  // Unpredicated corner loads for taps inside the image: measured on an H200
+  // (benchmarks/RESULTS.md, "Session candidates"), sample kernel ms, they
+  // paid only in the 32-lane bfloat16 variant (512 channels: 0.531 -> 0.482)
+  // and cost 1-4% in the others (float32 512: 0.522 -> 0.544; 7x7 with 96
+  // channels, 16 lanes: 1.049 -> 1.071 bfloat16, 1.191 -> 1.209 float32).
+  constexpr bool kInteriorLoads = L == 32 && V == 8;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   const SampleSmem<A> layout{plan.warps * kSub, KC};
@@ -632,7 +638,8 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
           // Corners outside the image read as zeros, so the weights need no
           // validity factor: whatever multiplies a zero adds nothing.
           const A wgt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-          const bool all_inside = (tap.start[0] | tap.start[1] | tap.start[2] | tap.start[3]) >= 0;
+          const bool all_inside =
+              kInteriorLoads && (tap.start[0] | tap.start[1] | tap.start[2] | tap.start[3]) >= 0;
           A dot[4] = {A(0), A(0), A(0), A(0)}, sum_val = A(0);
 #pragma unroll
           for (int q = 0; q < R; ++q) {
@@ -643,9 +650,10 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
 #pragma unroll
             for (int v = 0; v < V; ++v) gcol[v] = gy[q][v] * wv[v];
             // All four corners are loaded before any is used, so their loads
-            // are in flight together rather than one branch at a time. A tap
-            // with all four in the image (nearly all) loads them unpredicated;
-            // only the others zero the corners outside.
+            // are in flight together rather than one branch at a time. In the
+            // 32-lane 8-channel variant a tap with all four in the image
+            // (nearly all) loads them unpredicated; only the others zero the
+            // corners outside (kInteriorLoads).
             A corner[4][V];
             if (all_inside) {
 #pragma unroll

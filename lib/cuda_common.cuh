@@ -340,7 +340,7 @@ __device__ void TileGeometry(const ConvShape& s, const TileGrid& tg, const T* __
 
 // Kernel variants, for tuning runs: JAX_DEFORM_CUDA_TUNING="forward_min_blocks=1,
 // forward_weights_in_registers=1,forward_tile=128,forward_splits=4,forward_lanes=8,sample_lanes=16,sample_rounds=2,sample_fit=1,sample_vec=4,
-// backward_kernel=1,grad_x=gather,gather_vectors=1,gather_kernel=runs,gather_segment=8,gather_band_step=1,gather_band_vectors=2" (unset: the defaults below,
+// backward_kernel=1,grad_x=gather,gather_vectors=1,gather_kernel=runs,gather_segment=8,gather_band_step=1,gather_band_vectors=1" (unset: the defaults below,
 // chosen from measurements recorded in benchmarks/RESULTS.md). Read once.
 struct Tuning {
   int forward_min_blocks = 0;            // blocks per SM the forward's registers allow; 0: default
@@ -358,7 +358,7 @@ struct Tuning {
   int gather_kernel = 0;                 // 0: default, 1 (gather_kernel=runs): run gather, 2 (=band): band gather
   int gather_segment = 0;                // columns a sub-warp of the band gather; 0: default (4)
   int gather_band_step = 0;              // 1: the band gather's samples one at a time; 0: default (2)
-  int gather_band_vectors = 0;           // 2: two vectors a lane in the band gather past 32 vectors; 0: one
+  int gather_band_vectors = 0;           // 1: one vector a lane in the band gather past 32 vectors; 0: two
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
 };
 

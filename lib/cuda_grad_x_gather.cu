@@ -33,21 +33,20 @@ __host__ __device__ int64_t Samples(const ConvShape& s) { return s.n * s.ho * s.
 __host__ __device__ int64_t Cells(const ConvShape& s) { return s.n * (s.h + 1) * (s.w + 1) * s.groups; }
 
 // Which gather makes grad_x: the band gather (BandGatherKernel) or the run
-// gather (RunGatherKernel, which also takes depth multipliers). Measured on
-// an H200 (benchmarks/RESULTS.md, "The band gather"), gather kernel ms, band
-// (segments of 4 columns) against runs: faster with 96 to 128 channels a
-// group (0.247 against 0.305 at 128 float32 channels, 0.739 against 0.881 at
-// 7x7 with 96 bfloat16 ones), slower with more (0.478 against 0.407 at 512
-// float32 channels, four slices that each redo the samples' scales; 0.321
-// against 0.303 at 192 bfloat16 ones) and mixed with 64 (float32 0.150
-// against 0.164, bfloat16 0.150 against 0.138). Tuning key gather_kernel=runs
-// or =band forces one.
+// gather (RunGatherKernel, which also takes depth multipliers and groups of
+// fewer than 64 channels). Measured on an H200 (benchmarks/RESULTS.md, "The
+// band gather" and "Session candidates"), fwd+bwd kernel ms, band against
+// runs: faster or level from 64 channels a group up (64 float32: 0.434
+// against 0.459 deterministic; 96-128: 0.247 against 0.305 gather ms at 128
+// float32; 512 bfloat16 with two vectors a lane: 1.138 against 1.167, and
+// its keys are cells, a cheaper sort), the one loss 192 float32 channels at
+// one vector a lane (1.280 against 1.244), which now take two. Tuning key
+// gather_kernel=runs or =band forces one.
 bool UseBandGather(const ConvShape& s) {
   if (s.multiplier != 1) return false;
   const int choice = GetTuning().gather_kernel;
   if (choice != 0) return choice == 2;
-  const int64_t cg = s.channels_per_group();
-  return cg >= 96 && cg <= 128;
+  return s.channels_per_group() >= 64;
 }
 
 // Sort keys: the band gather walks a cell's samples whatever their taps, so
@@ -674,10 +673,12 @@ void LaunchBandGather(cudaStream_t stream, const ConvShape& s, const T* weight, 
     }
   };
   if constexpr (V > 1) {
-    if (vectors > 32 && GetTuning().gather_band_vectors == 2) {
-      // Two vectors a lane (tuning key gather_band_vectors=2), one sample a
-      // step: a group of more than 32 vectors in half the slices, each of
-      // which redoes the samples' scales and shuffles.
+    if (vectors > 32 && GetTuning().gather_band_vectors != 1) {
+      // Two vectors a lane, one sample a step: a group of more than 32
+      // vectors in half the slices, each of which redoes the samples' scales
+      // and shuffles (tuning key gather_band_vectors=1: one vector a lane).
+      // Measured on an H200, gather kernel ms, 512 channels: bfloat16 0.374
+      // -> 0.299, float32 0.474 -> 0.411.
       LaunchBandGatherWith<T, V, 32, 1, 2>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
       return;
     }

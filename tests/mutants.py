@@ -249,10 +249,10 @@ MUTANTS = [
            GPU_DETERMINISM, cuda=True),
     # The band gather (also forced on seven cases by test_deterministic_gradients_with_each_gather).
     Mutant("CUDA: band gather stores the column left of its segment too", "lib/cuda_grad_x_gather.cu",
-           "if (cx > x0 && vec < vectors) {", "if (cx >= x0 && vec < vectors) {",
+           "if (cx > x0) {", "if (cx >= x0) {",
            GPU_GATHER_ORDER, cuda=True),
     Mutant("CUDA: band gather weighs top-right corners as bottom-right", "lib/cuda_grad_x_gather.cu",
-           "next[r - 1][v] += sc[1] * gw;", "next[r - 1][v] += sc[3] * gw;",
+           "next[r - 1][q][v] += sc[1] * gw;", "next[r - 1][q][v] += sc[3] * gw;",
            GPU_GATHER_ORDER, cuda=True),
     Mutant("CUDA: band gather skips the image's last cell row", "lib/cuda_grad_x_gather.cu",
            "if (y0 + r > h) break;", "if (y0 + r >= h) break;",
