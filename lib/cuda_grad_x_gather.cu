@@ -32,29 +32,13 @@ __host__ __device__ int64_t Destinations(const ConvShape& s) { return s.n * s.h 
 __host__ __device__ int64_t Samples(const ConvShape& s) { return s.n * s.ho * s.wo * s.groups * s.taps(); }
 __host__ __device__ int64_t Cells(const ConvShape& s) { return s.n * (s.h + 1) * (s.w + 1) * s.groups; }
 
-// Which gather makes grad_x: the band gather (BandGatherKernel) or the run
-// gather (RunGatherKernel, which also takes depth multipliers and groups of
-// fewer than 64 channels). Measured on an H200 (benchmarks/RESULTS.md, "The
-// band gather" and "Session candidates"), fwd+bwd kernel ms, band against
-// runs: faster or level from 64 channels a group up (64 float32: 0.434
-// against 0.459 deterministic; 96-128: 0.247 against 0.305 gather ms at 128
-// float32; 512 bfloat16 with two vectors a lane: 1.138 against 1.167, and
-// its keys are cells, a cheaper sort), the one loss 192 float32 channels at
-// one vector a lane (1.280 against 1.244), which now take two. Tuning key
-// gather_kernel=runs or =band forces one.
-bool UseBandGather(const ConvShape& s) {
-  if (s.multiplier != 1) return false;
-  const int choice = GetTuning().gather_kernel;
-  if (choice != 0) return choice == 2;
-  return s.channels_per_group() >= 64;
-}
-
 // Sort keys: the band gather walks a cell's samples whatever their taps, so
 // its key is the cell; the run gather's is cell * taps + tap, so that the
 // samples of one (cell, tap) are one run of the sorted order, found from its
-// key alone. KeyTaps is that multiplier, passed to the kernels. The key of
-// samples outside the image, Cells * KeyTaps, sorts last and is never read.
-int64_t KeyTaps(const ConvShape& s) { return UseBandGather(s) ? 1 : s.taps(); }
+// key alone. KeyTaps is that multiplier (UseBandGather: 1, else taps), passed
+// to the kernels. The key of samples outside the image, Cells * KeyTaps,
+// sorts last and is never read. Scratch and GatherFits are sized for the run
+// gather's keys, the larger, so that they do not hang on which gather runs.
 __host__ __device__ int64_t OutsideKey(const ConvShape& s, int64_t key_taps) { return Cells(s) * key_taps; }
 
 // A sample's sorted value names it as (output pixel << TapBits) | tap: the
@@ -67,9 +51,9 @@ __host__ __device__ int TapBits(int64_t taps) {
 }
 
 // Bits the sort must look at: keys run from 0 to OutsideKey.
-int KeyBits(const ConvShape& s) {
+int KeyBits(const ConvShape& s, int64_t key_taps) {
   int bits = 1;
-  while ((int64_t{1} << bits) <= OutsideKey(s, KeyTaps(s))) ++bits;
+  while ((int64_t{1} << bits) <= OutsideKey(s, key_taps)) ++bits;
   return bits;
 }
 
@@ -94,7 +78,7 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
   if (cub::DeviceRadixSort::SortPairs(nullptr, d.sort_bytes, static_cast<const unsigned*>(nullptr),
                                       static_cast<unsigned*>(nullptr),
                                       static_cast<const unsigned*>(nullptr),
-                                      static_cast<unsigned*>(nullptr), samples, 0, KeyBits(s)) !=
+                                      static_cast<unsigned*>(nullptr), samples, 0, KeyBits(s, s.taps())) !=
       cudaSuccess) {
     // No device to ask (a program exported for CUDA on a machine without a
     // GPU): the sort's own key and value buffers, 8 bytes an item, and its
@@ -108,7 +92,7 @@ Layout MakeLayout(const ConvShape& s, bool wide = false) {
     at += Align(bytes);
     return here;
   };
-  d.starts = take((OutsideKey(s, KeyTaps(s)) + 1) * sizeof(unsigned));
+  d.starts = take((OutsideKey(s, s.taps()) + 1) * sizeof(unsigned));
   d.keys_in = take(samples * sizeof(unsigned));
   d.keys_out = take(samples * sizeof(unsigned));
   d.where_in = take(samples * sizeof(unsigned));
@@ -417,17 +401,18 @@ void LaunchRunGatherWith(cudaStream_t stream, const ConvShape& s, const T* weigh
 // Calls launch(std::integral_constant<int, L>) with the lanes a sub-warp of
 // either gather takes for `vectors` channel vectors a group: the fewest of 4,
 // 8, 16 and 32 that hold them all, or 32 (in slices) past that.
+constexpr int GatherLanes(int64_t vectors) {
+  return vectors <= 4 ? 4 : vectors <= 8 ? 8 : vectors <= 16 ? 16 : 32;
+}
+
 template <typename F>
 void WithGatherLanes(int64_t vectors, F&& launch) {
   using std::integral_constant;
-  if (vectors <= 4) {
-    launch(integral_constant<int, 4>{});
-  } else if (vectors <= 8) {
-    launch(integral_constant<int, 8>{});
-  } else if (vectors <= 16) {
-    launch(integral_constant<int, 16>{});
-  } else {
-    launch(integral_constant<int, 32>{});
+  switch (GatherLanes(vectors)) {
+    case 4: launch(integral_constant<int, 4>{}); break;
+    case 8: launch(integral_constant<int, 8>{}); break;
+    case 16: launch(integral_constant<int, 16>{}); break;
+    default: launch(integral_constant<int, 32>{}); break;
   }
 }
 
@@ -469,8 +454,7 @@ void LaunchRunGather(cudaStream_t stream, const ConvShape& s, const T* weight, c
 // B: destination rows a band, for V * R channels a lane: the two columns of
 // accumulators (2 * B * R * V) are 32 floats, or 64 at 16 (two 8-channel
 // vectors a lane).
-template <int VR>
-constexpr int BandRows() { return VR >= 8 ? 2 : 4; }
+constexpr int BandRows(int vr) { return vr >= 8 ? 2 : 4; }
 
 // R: vectors of V channels a lane (vector q of lane l is slice * L * R + q * L
 // + l, so each load of a sub-warp is one contiguous row segment); more than a
@@ -484,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, U == 2 || R == 2 ? 2 : 3)
                      const unsigned* __restrict__ where,
                      const SampleFracOf<Accum<T>>* __restrict__ fracs, Accum<T>* __restrict__ grad_x) {
   using A = Accum<T>;
-  constexpr int B = BandRows<V * R>();
+  constexpr int B = BandRows(V * R);
   const int sub = (threadIdx.x % 32) / L, lane = threadIdx.x % L;
   const unsigned lanes_mask = L == 32 ? 0xffffffffu : ((1u << L) - 1u) << (sub * L);
   // GatherFits: cells (and so bands and images) are numbered in 32 bits.
@@ -643,20 +627,57 @@ __global__ void __launch_bounds__(kThreads, U == 2 || R == 2 ? 2 : 3)
   }
 }
 
+// The band gather's shape for `vec` channels a vector: two vectors a lane
+// past 32 vectors (V > 1), one sample a step then; its grid (units of B rows
+// by `segment` columns, kThreads / L of them a block; channel slices).
+// Measured on an H200, gather kernel ms, 512 channels: two vectors a lane
+// 0.411 against 0.474 float32, 0.299 against 0.374 bfloat16 (tuning key
+// gather_band_vectors=1: one).
+int BandRounds(int vec, int64_t vectors) {
+  return vec > 1 && vectors > 32 && GetTuning().gather_band_vectors != 1 ? 2 : 1;
+}
+
+int BandSegment() {
+  const int tuned = GetTuning().gather_segment;
+  return tuned > 0 ? tuned : 4;
+}
+
+dim3 BandGrid(const ConvShape& s, int vec, int lanes, int rounds) {
+  const int rows = BandRows(vec * rounds), segment = BandSegment();
+  const int64_t units = s.n * s.groups * ((s.h + rows - 1) / rows) * ((s.w + segment - 1) / segment);
+  const int64_t per_block = kThreads / lanes, vectors = s.channels_per_group() / vec;
+  return dim3(static_cast<unsigned>((units + per_block - 1) / per_block),
+              static_cast<unsigned>((vectors + lanes * rounds - 1) / (lanes * rounds)));
+}
+
+// Which gather makes grad_x for `vec` channels a vector: the band gather
+// (BandGatherKernel) or the run gather (RunGatherKernel, which also takes
+// depth multipliers and groups of fewer than 64 channels). Measured on an
+// H200 (benchmarks/RESULTS.md, "The band gather" and "Band gather from 64
+// channels"), fwd+bwd kernel ms, band against runs: faster or level from 64
+// channels a group up (64 float32 deterministic: 0.429 against 0.455;
+// 512 bfloat16: 1.150 against 1.231; 5x5 with 144 channels: 2.17 against
+// 2.41 bfloat16, 2.57 against 2.68 float32; its keys are cells, a cheaper
+// sort), except where its grid is under one block an SM: batch 1 at 512
+// channels (16-32 blocks: 0.127 against 0.090 bfloat16) and 7x7 at
+// (32, 14, 14, 384) bfloat16 (112 blocks: 0.609 against 0.586). Tuning key
+// gather_kernel=runs or =band forces one.
+bool UseBandGather(const ConvShape& s, int vec) {
+  if (s.multiplier != 1) return false;
+  const int choice = GetTuning().gather_kernel;
+  if (choice != 0) return choice == 2;
+  const int64_t vectors = s.channels_per_group() / vec;
+  if (s.channels_per_group() < 64) return false;
+  const dim3 grid = BandGrid(s, vec, GatherLanes(vectors), BandRounds(vec, vectors));
+  return int64_t{grid.x} * grid.y >= SmCount();
+}
+
 template <typename T, int V, int L, int U, int R>
 void LaunchBandGatherWith(cudaStream_t stream, const ConvShape& s, const T* weight, const T* grad_y,
                           const unsigned* starts, const unsigned* where,
                           const SampleFracOf<Accum<T>>* fracs, Accum<T>* grad_x) {
-  constexpr int B = BandRows<V * R>();
-  const int tuned = GetTuning().gather_segment;
-  const int segment = tuned > 0 ? tuned : 4;
-  const int64_t units = s.n * s.groups * ((s.h + B - 1) / B) * ((s.w + segment - 1) / segment);
-  constexpr int kPerBlock = kThreads / L;  // units a block
-  const int64_t vectors = s.channels_per_group() / V;
-  const dim3 grid(static_cast<unsigned>((units + kPerBlock - 1) / kPerBlock),
-                  static_cast<unsigned>((vectors + L * R - 1) / (L * R)));
-  BandGatherKernel<T, V, L, U, R><<<grid, kThreads, 0, stream>>>(s, segment, weight, grad_y, starts,
-                                                                 where, fracs, grad_x);
+  BandGatherKernel<T, V, L, U, R><<<BandGrid(s, V, L, R), kThreads, 0, stream>>>(
+      s, BandSegment(), weight, grad_y, starts, where, fracs, grad_x);
 }
 
 template <typename T, int V>
@@ -673,12 +694,7 @@ void LaunchBandGather(cudaStream_t stream, const ConvShape& s, const T* weight, 
     }
   };
   if constexpr (V > 1) {
-    if (vectors > 32 && GetTuning().gather_band_vectors != 1) {
-      // Two vectors a lane, one sample a step: a group of more than 32
-      // vectors in half the slices, each of which redoes the samples' scales
-      // and shuffles (tuning key gather_band_vectors=1: one vector a lane).
-      // Measured on an H200, gather kernel ms, 512 channels: bfloat16 0.374
-      // -> 0.299, float32 0.474 -> 0.411.
+    if (BandRounds(V, vectors) == 2) {  // a group of more than 32 vectors in half the slices
       LaunchBandGatherWith<T, V, 32, 1, 2>(stream, s, weight, grad_y, starts, where, fracs, grad_x);
       return;
     }
@@ -699,22 +715,23 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
   auto* fracs = reinterpret_cast<SampleFracOf<A>*>(scratch + d.fracs);
   const int samples = static_cast<int>(Samples(s));
   const int64_t grid = std::min<int64_t>((Samples(s) + kThreads - 1) / kThreads, 1 << 20);
-  const int64_t key_taps = KeyTaps(s);
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectors = s.multiplier == 1 && s.channels_per_group() % kVec == 0;
+  const bool band = UseBandGather(s, vectors ? kVec : 1);
+  const int64_t key_taps = band ? 1 : s.taps();
   SampleKeysKernel<T><<<grid, kThreads, 0, stream>>>(s, static_cast<unsigned>(key_taps), offset, mask,
                                                      keys_in, where_in, fracs);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   size_t sort_bytes = d.sort_bytes;
   err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out, where_in,
-                                        where_out, samples, 0, KeyBits(s), stream);
+                                        where_out, samples, 0, KeyBits(s, key_taps), stream);
   if (err != cudaSuccess) return err;
   const int64_t outside = OutsideKey(s, key_taps);
   SegmentStartsKernel<<<static_cast<unsigned>((outside + kThreads) / kThreads), kThreads, 0, stream>>>(
       keys_out, static_cast<unsigned>(samples), static_cast<unsigned>(outside), starts);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  constexpr int kVec = 16 / sizeof(T);
-  const bool vectors = s.multiplier == 1 && s.channels_per_group() % kVec == 0;
-  if (UseBandGather(s)) {
+  if (band) {
     if (vectors) {
       LaunchBandGather<T, kVec>(stream, s, weight, grad_y, starts, where_out, fracs, grad_x);
     } else {
@@ -731,7 +748,7 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
 }  // namespace
 
 bool GatherFits(const ConvShape& s) {
-  return OutsideKey(s, KeyTaps(s)) < std::numeric_limits<unsigned>::max() &&
+  return OutsideKey(s, s.taps()) < std::numeric_limits<unsigned>::max() &&
          Samples(s) < std::numeric_limits<int>::max() &&
          (s.n * s.ho * s.wo << TapBits(s.taps())) < std::numeric_limits<unsigned>::max();
 }
