@@ -256,13 +256,14 @@ def test_deterministic_gradients_match_reference_autodiff(rng, case):
 
 
 # grad_x has two gathers (cuda_grad_x_gather.cu): the band gather for groups
-# of 96 to 128 channels, the run gather for the rest, so most cases above meet
-# one of them only. Each runs the cases below, forced by its tuning key in a
+# of 64 channels or more whose band grid fills the GPU, the run gather for
+# the rest (so every case above, each too small to fill it, meets the run
+# gather only). Each runs the cases below, forced by its tuning key in a
 # fresh process (the key is read once a process): one lane and four lanes a
-# group (cases 0, 2), several channel slices (5: 384 channels, 13: 512 on a
-# 32x32 image of many bands and segments), one slice of 16 and 32 lanes (7, 6),
-# two groups (9). (All fourteen cases a gather took the GPU tests past
-# their time limit.)
+# group (cases 0, 2), several channel slices and two vectors a lane (5: 384
+# channels, 13: 512 on a 32x32 image of many bands and segments, 9: two
+# groups of 256), one slice of 16 and 32 lanes (7, 6). (All fourteen cases a
+# gather took the GPU tests past their time limit.)
 EACH_GATHER_CASES = (0, 2, 5, 6, 7, 9, 13)
 
 

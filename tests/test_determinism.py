@@ -57,6 +57,25 @@ def test_deterministic_backward_is_bitwise_stable(rng, device_kind, dtype):
         assert rel_err(g.astype(np.float64), w) < tol
 
 
+# The problems above are too small for grad_x's band gather (it takes a grid
+# of at least one block an SM; cuda_grad_x_gather.cu, UseBandGather): this
+# one is large enough (64 channels, 256 band blocks in float32 and bfloat16).
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_band_gather_backward_is_bitwise_stable(rng, dtype):
+    p = make_problem(rng, n=16, h=64, w=64, c=64, multiplier=1)
+    p.offset = p.offset * 0.5
+    runs = _grads(p, device_of("gpu"), True, dtype)
+    assert _identical(runs)
+    # Against the fast path (grad_x by atomics at 64 channels): float32 sums
+    # of the same terms in another order.
+    # (bfloat16: each rounded once from those.)
+    fast = _grads(p, device_of("gpu"), False, dtype)[0]
+    tol = 1e-5 if dtype == np.float32 else unit_roundoff(dtype) + 1e-5
+    for g, f in zip(runs[0], fast):
+        assert rel_err(g.astype(np.float64), f.astype(np.float64)) < tol
+
+
 @pytest.mark.gpu
 def test_fast_path_reports_its_variation(rng):
     p = make_problem(rng, n=4, h=24, w=24, c=64, groups=2)
