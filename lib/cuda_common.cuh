@@ -357,7 +357,7 @@ struct Tuning {
   int gather_vectors = 0;                // 1: one vector a lane in the run gather; 0: default (up to 2)
   int gather_kernel = 0;                 // 0: default, 1 (gather_kernel=runs): run gather, 2 (=band): band gather
   int gather_segment = 0;                // columns a sub-warp of the band gather; 0: default (4)
-  int gather_band_step = 0;              // 1: the band gather's samples one at a time; 0: default (2)
+  int gather_band_step = 0;              // 1: the band gather's samples one at a time; 0: default (2; 1 at two vectors a lane)
   int gather_band_vectors = 0;           // 1: one vector a lane in the band gather past 32 vectors; 0: two
   int backward_kernel = 0;               // 0: default (sample kernel), 1: tile kernel
 };

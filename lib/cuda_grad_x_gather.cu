@@ -35,9 +35,9 @@ __host__ __device__ int64_t Cells(const ConvShape& s) { return s.n * (s.h + 1) *
 // Sort keys: the band gather walks a cell's samples whatever their taps, so
 // its key is the cell; the run gather's is cell * taps + tap, so that the
 // samples of one (cell, tap) are one run of the sorted order, found from its
-// key alone. KeyTaps is that multiplier (UseBandGather: 1, else taps), passed
-// to the kernels. The key of samples outside the image, Cells * KeyTaps,
-// sorts last and is never read. Scratch and GatherFits are sized for the run
+// key alone. That multiplier, key_taps (UseBandGather: 1, else taps), is
+// passed to the kernels. The key of samples outside the image, Cells *
+// key_taps, sorts last and is never read. Scratch and GatherFits are sized for the run
 // gather's keys, the larger, so that they do not hang on which gather runs.
 __host__ __device__ int64_t OutsideKey(const ConvShape& s, int64_t key_taps) { return Cells(s) * key_taps; }
 
@@ -398,13 +398,14 @@ void LaunchRunGatherWith(cudaStream_t stream, const ConvShape& s, const T* weigh
                                                                fracs, grad_x);
 }
 
-// Calls launch(std::integral_constant<int, L>) with the lanes a sub-warp of
-// either gather takes for `vectors` channel vectors a group: the fewest of 4,
-// 8, 16 and 32 that hold them all, or 32 (in slices) past that.
+// The lanes a sub-warp of either gather takes for `vectors` channel vectors
+// a group: the fewest of 4, 8, 16 and 32 that hold them all, or 32 (in
+// slices) past that.
 constexpr int GatherLanes(int64_t vectors) {
   return vectors <= 4 ? 4 : vectors <= 8 ? 8 : vectors <= 16 ? 16 : 32;
 }
 
+// Calls launch(std::integral_constant<int, GatherLanes(vectors)>).
 template <typename F>
 void WithGatherLanes(int64_t vectors, F&& launch) {
   using std::integral_constant;
@@ -435,7 +436,7 @@ void LaunchRunGather(cudaStream_t stream, const ConvShape& s, const T* weight, c
   });
 }
 
-// The band gather. A sub-warp of L lanes (each lane one vector of V channels
+// The band gather. A sub-warp of L lanes (each lane R vectors of V channels
 // of the group; more vectors take more slices, grid.y) owns the destinations
 // of B input rows by `segment` columns of one image and group, and walks the
 // cells that feed them column by column: cell column x0 - 1 to x_end - 1,
@@ -452,8 +453,8 @@ void LaunchRunGather(cudaStream_t stream, const ConvShape& s, const T* weight, c
 // (its cells (y - 1, x - 1), (y, x - 1), (y - 1, x), (y, x), each in sorted
 // order); it is written once, by the one sub-warp that owns it.
 // B: destination rows a band, for V * R channels a lane: the two columns of
-// accumulators (2 * B * R * V) are 32 floats, or 64 at 16 (two 8-channel
-// vectors a lane).
+// accumulators (2 * B * R * V) are 32 values, or 64 at 16 channels a lane
+// (two 8-channel vectors).
 constexpr int BandRows(int vr) { return vr >= 8 ? 2 : 4; }
 
 // R: vectors of V channels a lane (vector q of lane l is slice * L * R + q * L
@@ -653,15 +654,20 @@ dim3 BandGrid(const ConvShape& s, int vec, int lanes, int rounds) {
 // Which gather makes grad_x for `vec` channels a vector: the band gather
 // (BandGatherKernel) or the run gather (RunGatherKernel, which also takes
 // depth multipliers and groups of fewer than 64 channels). Measured on an
-// H200 (benchmarks/RESULTS.md, "The band gather" and "Band gather from 64
-// channels"), fwd+bwd kernel ms, band against runs: faster or level from 64
-// channels a group up (64 float32 deterministic: 0.429 against 0.455;
-// 512 bfloat16: 1.150 against 1.231; 5x5 with 144 channels: 2.17 against
-// 2.41 bfloat16, 2.57 against 2.68 float32; its keys are cells, a cheaper
-// sort), except where its grid is under one block an SM: batch 1 at 512
-// channels (16-32 blocks: 0.127 against 0.090 bfloat16) and 7x7 at
-// (32, 14, 14, 384) bfloat16 (112 blocks: 0.609 against 0.586). Tuning key
-// gather_kernel=runs or =band forces one.
+// H200 (benchmarks/RESULTS.md, "The band gather" and "Since 5164d92"), the
+// band gather's kernel against the run gather's: faster at 96-128 channels
+// (0.247 against 0.305 ms at 128 float32), at 512 (bfloat16 0.300 against
+// 0.320, float32 level) and 5x5 with 144 (0.647 against 0.724 float32, 0.567
+// against 0.654 bfloat16); slower at 64 bfloat16 (0.151 against 0.138) and
+// 7x7 with 192 (0.375 against 0.331 float32, 0.321 against 0.303 bfloat16),
+// where its keys (cells, not (cell, tap): fewer bits to sort, fewer segment
+// starts) win most of it back: whole fwd+bwd, only the gather switched,
+// 64 float32 0.434 against 0.459, 64 bfloat16 level, 192 bfloat16 1.125
+// against 1.141, 192 float32 1.01x its run gather's. Where the band grid is
+// under one block an SM it loses outright (batch 1 at 512 channels, 16-32
+// blocks: 1.3-1.4x the whole fwd+bwd; (32, 14, 14, 384) bfloat16, 112
+// blocks: 1.04x; 224 blocks at 384 float32 were level), so it needs one.
+// Tuning key gather_kernel=runs or =band forces one.
 bool UseBandGather(const ConvShape& s, int vec) {
   if (s.multiplier != 1) return false;
   const int choice = GetTuning().gather_kernel;
@@ -723,9 +729,18 @@ cudaError_t Gather(cudaStream_t stream, const ConvShape& s, const T* offset, con
                                                      keys_in, where_in, fracs);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  size_t sort_bytes = d.sort_bytes;
+  // The scratch holds the sort's storage for the run gather's keys
+  // (MakeLayout); fewer bits have never needed more, but the sort would not
+  // say if they did, so ask rather than run past the workspace.
+  const int bits = KeyBits(s, key_taps);
+  size_t sort_bytes = 0;
+  err = cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys_in, keys_out, where_in, where_out,
+                                        samples, 0, bits, stream);
+  if (err != cudaSuccess) return err;
+  if (sort_bytes > d.sort_bytes) return cudaErrorInvalidValue;
+  sort_bytes = d.sort_bytes;
   err = cub::DeviceRadixSort::SortPairs(scratch + d.sort_temp, sort_bytes, keys_in, keys_out, where_in,
-                                        where_out, samples, 0, KeyBits(s, key_taps), stream);
+                                        where_out, samples, 0, bits, stream);
   if (err != cudaSuccess) return err;
   const int64_t outside = OutsideKey(s, key_taps);
   SegmentStartsKernel<<<static_cast<unsigned>((outside + kThreads) / kThreads), kThreads, 0, stream>>>(
