@@ -672,8 +672,8 @@ bool UseBandGather(const ConvShape& s, int vec) {
   if (s.multiplier != 1) return false;
   const int choice = GetTuning().gather_kernel;
   if (choice != 0) return choice == 2;
-  const int64_t vectors = s.channels_per_group() / vec;
   if (s.channels_per_group() < 64) return false;
+  const int64_t vectors = s.channels_per_group() / vec;
   const dim3 grid = BandGrid(s, vec, GatherLanes(vectors), BandRounds(vec, vectors));
   return int64_t{grid.x} * grid.y >= SmCount();
 }

@@ -247,7 +247,7 @@ MUTANTS = [
     Mutant("CUDA: gather weighs corner-1 samples as corner 2", "lib/cuda_grad_x_gather.cu",
            "corner == 1 ? hy * f.lx", "corner == 1 ? f.ly * hx",
            GPU_DETERMINISM, cuda=True),
-    # The band gather (also forced on seven cases by test_deterministic_gradients_with_each_gather).
+    # The band gather (also forced on eight cases by test_deterministic_gradients_with_each_gather).
     Mutant("CUDA: band gather stores the column left of its segment too", "lib/cuda_grad_x_gather.cu",
            "if (cx > x0) {", "if (cx >= x0) {",
            GPU_GATHER_ORDER, cuda=True),

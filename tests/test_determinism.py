@@ -71,8 +71,7 @@ def test_band_gather_backward_is_bitwise_stable(rng, dtype):
     runs = _grads(p, device_of("gpu"), True, dtype)
     assert _identical(runs)
     # Against the fast path (grad_x by atomics at 64 channels): float32 sums
-    # of the same terms in another order.
-    # (bfloat16: each rounded once from those.)
+    # of the same terms in another order (in bfloat16, each rounded once).
     fast = _grads(p, device_of("gpu"), False, dtype, runs=1)[0]
     tol = 1e-5 if dtype == np.float32 else unit_roundoff(dtype) + 1e-5
     for g, f in zip(runs[0], fast):
