@@ -272,7 +272,8 @@ struct SamplePlan {
   int chunks;      // tap chunks of up to SampleTaps(rounds) taps
   int chunk_taps;  // taps of the largest chunk: min(SampleTaps(rounds), taps)
   int mask_row;    // G * taps: a pixel's row of mask (of offset: twice that)
-  int64_t pixels_per_block, blocks_x;
+  int band_bits;   // log2 of the output rows of a band (SampleVisits)
+  int64_t visits, pixels_per_block, blocks_x;  // pixels_per_block: visits a block
 };
 
 // What the sample kernel needs of one (pixel, tap), made once per pixel by
@@ -307,18 +308,43 @@ __device__ __forceinline__ SampleTapConst MakeSampleTapConst(const ConvShape& s,
           static_cast<int>((g * s.taps() + k) * 2)};
 }
 
-// The output pixel a sub-warp is at: its image and position, moved along by
-// additions as the sub-warp steps through its pixels.
+// The order the sample kernel visits output pixels in: bands of 2^band_bits
+// output rows, column by column, each column's rows in turn (band_bits 0: row
+// by row). A band's rows read mostly the same input rows, so a block meets
+// a corner again soon after it was first read (row by row, a 7x7 kernel's
+// input row comes back only a whole output row later: SampleBandBits says
+// where the bands paid). Visits whose row lies past the image's last (its
+// last band padded to the full height) are skipped.
+constexpr int kMaxSampleBandBits = 6;  // bands of up to 64 rows (tuning runs)
+__host__ __device__ inline int64_t SampleVisits(const ConvShape& s, int band_bits) {
+  const int64_t rows = int64_t{1} << band_bits;
+  return s.n * ((s.ho + rows - 1) >> band_bits) * rows * s.wo;
+}
+
+// The output pixel a sub-warp is at: its image, band, column and row in the
+// band, moved along by additions as the sub-warp steps through its visits.
 struct PixelCursor {
-  int image, oy, ox;
-  __device__ __forceinline__ void Advance(int step, int ho, int wo) {
-    ox += step;
+  int image, band_y0, ox, row;
+  __device__ __forceinline__ int oy() const { return band_y0 + row; }
+  __device__ __forceinline__ void Advance(int step, int ho, int wo, int band_bits) {
+    const int v = row + step;
+    row = v & ((1 << band_bits) - 1);
+    ox += v >> band_bits;
     while (ox >= wo) {
       ox -= wo;
-      if (++oy == ho) oy = 0, ++image;
+      band_y0 += 1 << band_bits;
+      if (band_y0 >= ho) band_y0 = 0, ++image;
     }
   }
 };
+
+__device__ __forceinline__ PixelCursor VisitAt(const ConvShape& s, int band_bits, int64_t visit) {
+  const int64_t rows = int64_t{1} << band_bits, band_visits = rows * s.wo;
+  const int64_t bands = (s.ho + rows - 1) >> band_bits;
+  const int64_t band = visit / band_visits, within = visit - band * band_visits;
+  return {static_cast<int>(band / bands), static_cast<int>((band % bands) << band_bits),
+          static_cast<int>(within >> band_bits), static_cast<int>(within & (rows - 1))};
+}
 
 // The tap record of (pixel at `at`, tap `tc`) from its offsets and mask
 // (SampleKernelFits: x is under 2 GiB, so 32-bit byte offsets).
@@ -327,7 +353,7 @@ __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, cons
                                                         const SampleTapConst& tc,
                                                         const TapOperands<A>& in) {
   const TapSampleOf<A, int32_t> t =
-      SampleAt<T, int32_t>(s, at.image, at.oy, at.ox, tc.tap_y, tc.tap_x, in.dy, in.dx);
+      SampleAt<T, int32_t>(s, at.image, at.oy(), at.ox, tc.tap_y, tc.tap_x, in.dy, in.dx);
   SampleTapOf<A> tap;
 #pragma unroll
   for (int i = 0; i < 4; ++i) tap.start[i] = t.start[i];
@@ -338,12 +364,12 @@ __device__ __forceinline__ SampleTapOf<A> MakeSampleTap(const ConvShape& s, cons
   return tap;
 }
 
-// 32-bit tap offsets need x under 2 GiB, and 32-bit positions PositionsFit;
-// other problems take the tile kernel.
+// 32-bit tap offsets need x under 2 GiB, 32-bit positions PositionsFit, and
+// 32-bit pixel indices visits that fit; other problems take the tile kernel.
 inline bool SampleKernelFits(const ConvShape& s, bool wide) {
   const int64_t x_bytes = s.n * s.h * s.w * s.c * int64_t{sizeof(float)};
   return !wide && s.multiplier == 1 && s.channels_per_group() % kSampleVec == 0 &&
-         x_bytes <= INT32_MAX && PositionsFit(s);
+         x_bytes <= INT32_MAX && PositionsFit(s) && SampleVisits(s, kMaxSampleBandBits) <= INT32_MAX;
 }
 
 // Channels a lane reads at once: 4, or for 16-bit types 8 (one 16-byte load
@@ -402,17 +428,36 @@ inline SamplePlan WithSampleGrid(const ConvShape& s, SamplePlan p) {
   p.chunks = static_cast<int>((s.taps() + SampleTaps(p.rounds) - 1) / SampleTaps(p.rounds));
   p.chunk_taps = static_cast<int>(std::min<int64_t>(SampleTaps(p.rounds), s.taps()));
   p.mask_row = static_cast<int>(s.mask_channels());
-  const int64_t pixels = s.n * s.ho * s.wo;
+  p.visits = SampleVisits(s, p.band_bits);
   const int64_t step = p.warps * (32 / p.lanes);  // pixels a block visits at once
   // About eight blocks per SM over the whole grid, but at least 4 steps a
   // block, so the per-block grad_weight partial sums stay small.
   const int64_t others = static_cast<int64_t>(p.slices) * s.groups * p.chunks;
   const int64_t want_blocks = std::max<int64_t>(1, 8 * SmCount() / others);
-  int64_t per_block = (pixels + want_blocks - 1) / want_blocks;
+  int64_t per_block = (p.visits + want_blocks - 1) / want_blocks;
   per_block = std::max<int64_t>(4 * step, (per_block + step - 1) / step * step);
   p.pixels_per_block = per_block;
-  p.blocks_x = (pixels + per_block - 1) / per_block;
+  p.blocks_x = (p.visits + per_block - 1) / per_block;
   return p;
+}
+
+// Bands of 8 output rows (SampleVisits), or of 4 or 2 where 8 would pad the
+// image's rows by more than an eighth (28 rows: 4; 14 rows: 2), for kernels
+// of more than 9 taps or strides over 1; row by row otherwise. Measured on an
+// H200 (benchmarks/RESULTS.md, "Sample kernel in bands"; tuning key
+// sample_band_rows=1 for rows), fwd+bwd kernel ms, rows -> bands: 3x3 stride
+// 2 with 96 channels 0.824 -> 0.716 float32, 0.776 -> 0.711 bfloat16; 5x5
+// with 144 channels 2.578 -> 2.434 float32; 7x7 with 96 channels 2.776 ->
+// 2.667 float32; within 1% at 7x7 with 192 and 384 channels and at 3x3 with
+// 128 and 512, but 1.5-2% slower at 3x3 with 64 channels (16 lanes and the
+// grad_x atomics), hence rows there.
+inline int SampleBandBits(const ConvShape& s) {
+  if (s.taps() <= 9 && s.stride_h == 1 && s.stride_w == 1) return 0;
+  for (int bits = 3; bits > 0; --bits) {
+    const int64_t rows = int64_t{1} << bits, padded = (s.ho + rows - 1) / rows * rows;
+    if (8 * (padded - s.ho) <= s.ho) return bits;
+  }
+  return 0;
 }
 
 // Measured on an H200 (benchmarks/RESULTS.md, "What changed at 1a3b4c3"):
@@ -449,6 +494,10 @@ inline SamplePlan MakeSamplePlan(const ConvShape& s, size_t elem_bytes, bool gat
   // 16 lanes or more.
   if (vec == 8) p.lanes = std::max(16, p.lanes);
   if (vec == 8 || !SampleShapeBuilt(p.lanes, p.rounds)) p.rounds = 1;
+  p.band_bits = SampleBandBits(s);
+  if (tune.sample_band_rows > 0) {  // tuning runs (a power of two; 1: row by row)
+    for (p.band_bits = 0; (2 << p.band_bits) <= tune.sample_band_rows;) ++p.band_bits;
+  }
   p = WithSampleGrid(s, p);
   // A grid under one wave (batch 1, e.g. (1, 32, 32, 512): 64 blocks on 132
   // SMs, each at its least pixels) takes narrower channel slices where
@@ -556,7 +605,13 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
   const T* weight_lane = weight + k0 * cm + c0;
   const int kc = static_cast<int>(min(static_cast<int64_t>(KC), taps - k0));
   const int64_t p_begin = blockIdx.x * plan.pixels_per_block;
-  const int64_t p_end = min(pixels, p_begin + plan.pixels_per_block);
+  const int64_t p_end = min(plan.visits, p_begin + plan.pixels_per_block);
+  const int ho = static_cast<int>(s.ho), wo = static_cast<int>(s.wo);
+  // The pixel of a visit, or -1 for a padded row or a visit past the block's.
+  // (In 32 bits: SampleKernelFits.)
+  auto pixel_at = [&](const PixelCursor& c, int64_t visit) -> int {
+    return visit < p_end && c.oy() < ho ? (c.image * ho + c.oy()) * wo + c.ox : -1;
+  };
 
 #pragma unroll
   for (int t = 0; t < KC * R; ++t) {
@@ -577,29 +632,24 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
     tap_const[r] = MakeSampleTapConst(s, g, k0 + (t < kc ? t : 0));
   }
   TapOperands<A> ahead[kAhead];
-  auto load_ahead = [&](int64_t pixel) {
+  auto load_ahead = [&](int pixel) {
 #pragma unroll
     for (int r = 0; r < kAhead; ++r) {
       const int t = lane + r * L;
-      if (pixel < p_end && t < kc) {
+      if (pixel >= 0 && t < kc) {
         // A pixel's rows: 2 G taps offsets, G taps masks (plan.mask_row).
-        const int64_t at_mask = pixel * plan.mask_row + (tap_const[r].offset >> 1);
+        const int64_t at_mask = static_cast<int64_t>(pixel) * plan.mask_row + (tap_const[r].offset >> 1);
         ahead[r] = {ToF(offset[2 * at_mask]), ToF(offset[2 * at_mask + 1]),
                     mask ? ToF(mask[at_mask]) : A(1)};
       }
     }
   };
-  load_ahead(p_begin + warp * kSub + sub);
-  PixelCursor at;
-  {
-    const PixelAt first = DecodePixel(s, p_begin + warp * kSub + sub);
-    at = {static_cast<int>(first.image), static_cast<int>(first.oy), static_cast<int>(first.ox)};
-  }
+  PixelCursor at = VisitAt(s, plan.band_bits, p_begin + warp * kSub + sub);
+  int pixel = pixel_at(at, p_begin + warp * kSub + sub);
+  load_ahead(pixel);
   // Warp-uniform trip count: every lane reaches the shuffles.
-  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end;
-       p0 += step, at.Advance(step, static_cast<int>(s.ho), static_cast<int>(s.wo))) {
-    const int64_t pixel = p0 + sub;
-    const bool pixel_valid = pixel < p_end;
+  for (int64_t p0 = p_begin + warp * kSub; p0 < p_end; p0 += step) {
+    const bool pixel_valid = pixel >= 0;
     __syncwarp();
 #pragma unroll
     for (int r = 0; r < kAhead; ++r) {
@@ -607,7 +657,9 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
       if (pixel_valid && t < kc) geo[t] = MakeSampleTap<T>(s, at, tap_const[r], ahead[r]);
     }
     __syncwarp();
-    load_ahead(pixel + step);
+    at.Advance(step, ho, wo, plan.band_bits);  // the records are made: on to the next visit
+    const int next_pixel = pixel_at(at, p0 + step + sub);
+    load_ahead(next_pixel);
     A sums[kSampleSums];
 #pragma unroll
     for (int i = 0; i < kSampleSums; ++i) sums[i] = A(0);
@@ -726,6 +778,7 @@ __global__ void __launch_bounds__(SampleWarps(R) * 32, SampleMinBlocks(R))
         }
       }
     }
+    pixel = next_pixel;
   }
   // grad_weight: this block's sum over its warps and sub-warps, in order.
   __syncthreads();

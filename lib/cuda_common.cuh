@@ -351,6 +351,7 @@ struct Tuning {
   int sample_rounds = 0;                 // sample kernel vectors a lane (1-3); 0: default
   int sample_fit = 0;                    // 1: sample kernel lanes and vectors fitted to the group
   int sample_vec = 0;                    // 4: 16-bit types' sample kernel reads 4 channels a load, not 8
+  int sample_band_rows = 0;              // sample kernel output rows a band (power of two; 1: row by row); 0: default
   int sample_no_scatter = -1;            // 0: the gather path runs the variant with atomics compiled in
   int forward_weights_in_registers = -1;  // 3x3 weights held in registers; -1: default
   int grad_x = 0;                        // 0: default, 1: atomic scatter, 2: sorted gather
@@ -380,6 +381,9 @@ inline Tuning ParseTuning(const char* text) {
   if (const char* v = value("sample_rounds=")) t.sample_rounds = std::atoi(v);
   if (const char* v = value("sample_fit=")) t.sample_fit = std::atoi(v);
   if (const char* v = value("sample_vec=")) t.sample_vec = std::atoi(v);
+  if (const char* v = value("sample_band_rows=")) {
+    t.sample_band_rows = std::min(64, FloorPow2(std::max(1, std::atoi(v))));
+  }
   if (const char* v = value("sample_no_scatter=")) t.sample_no_scatter = std::atoi(v);
   if (const char* v = value("backward_kernel=")) t.backward_kernel = std::atoi(v);
   if (const char* v = value("gather_vectors=")) t.gather_vectors = std::atoi(v);

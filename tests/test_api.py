@@ -280,6 +280,30 @@ def test_deterministic_gradients_with_each_gather(gather):
     assert f"{len(EACH_GATHER_CASES)} passed" in run.stdout, run.stdout[-2000:]
 
 
+# The sample kernel visits output pixels in bands of rows, column by column,
+# for kernels of more than 9 taps or strides over 1, row by row otherwise
+# (SampleBandBits). Each order runs the cases the default gives the other,
+# forced by its tuning key in a fresh process: bands of 8 rows, whose last
+# band is padded past the image at every height here (3 to 9 rows; 32 is
+# whole), on the 3x3 cases and the rest; rows on the 7x7, 5x5 and stride-2
+# cases.
+SAMPLE_ORDER_CASES = {"sample_band_rows=8": (0, 4, 5, 7, 8, 10, 12, 13),
+                      "sample_band_rows=1": (5, 6, 7, 9, 12)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning", sorted(SAMPLE_ORDER_CASES))
+def test_gradients_in_each_sample_order(tuning):
+    cases = SAMPLE_ORDER_CASES[tuning]
+    env = dict(os.environ, JAX_DEFORM_CUDA_TUNING=tuning)
+    tests = [f"{__file__}::test_gradients_match_reference_autodiff[gpu-{i}]" for i in cases]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *tests],
+                         env=env, capture_output=True, text=True, check=False,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f"{len(cases)} passed" in run.stdout, run.stdout[-2000:]
+
+
 def test_backward_writes_every_output(rng, device):
     p = make_problem(rng, c=6, groups=3, multiplier=2)
     args = p.args(np.float32, device)
