@@ -300,19 +300,21 @@ ForwardFn<T> PickForward(const ConvShape& s, const Plan& p, bool narrow) {
   }
 }
 
-// Lanes a pixel for `vectors` channel vectors, from the plan's `lanes`: where
-// those leave over 40% of the lane slots idle, half or a quarter of them (8 at
-// least), whichever leaves the fewest idle. Measured on an H200
-// (benchmarks/RESULTS.md, "What changed at 1a3b4c3"): 144 channels, 7x7 and
-// 5x5 layers, 8 lanes instead of 32 (float32) or 16 (bfloat16) are 21-24%
-// faster; at 75% use or more fewer lanes were slower or equal (float32 192
-// and 384 channels) or faster (bfloat16 192: 17%), so the rule stays where
-// it was measured to pay everywhere.
+// Lanes a pixel for `vectors` channel vectors, from the plan's `lanes`: for
+// groups of 8 vectors or more, of 32, 16 and 8 lanes the count that leaves
+// the fewest lane slots idle, and of those the most lanes (the fewest rounds
+// of vectors). Measured on an H200 (benchmarks/RESULTS.md, "Forward lanes"),
+// forward kernel ms at the model layers, this rule picks the fastest of 4,
+// 8, 16 and 32 lanes at each of the ten: e.g. 7x7 with 96 channels 0.602 ->
+// 0.579 float32 (24 vectors: 8 lanes, not 16), 0.465 -> 0.422 bfloat16 (12
+// vectors: 16, not 8); 7x7 with 384 channels in bfloat16 0.127 -> 0.108 (48
+// vectors: 16, not 32); 144 channels keep 8 lanes (21-24% faster than 32 or
+// 16, "What changed at 1a3b4c3").
 inline int ForwardLanes(int64_t vectors, int lanes) {
+  if (lanes < 8) return lanes;  // fewer than 8 vectors: one round of them
   auto slots = [&](int64_t l) { return (vectors + l - 1) / l * l; };
-  if (10 * vectors >= 6 * slots(lanes)) return lanes;
-  int best = lanes;
-  for (int l = lanes / 2; l >= std::max(8, lanes / 4); l /= 2) {
+  int best = 32;
+  for (int l = 16; l >= 8; l /= 2) {
     if (slots(l) < slots(best)) best = l;
   }
   return best;
