@@ -66,6 +66,10 @@ CASES = [
     dict(padding="SAME", kernel=(4, 2), h=5, w=4, multiplier=2),  # totals 3 and 1
     # 32 channels: the CUDA forward's 8-lane pixels, several pixels a thread.
     dict(c=32),
+    # Three rounds of channel vectors a lane (ForwardLanes): 96 channels on
+    # 8 lanes (7x7), 192 on 16.
+    dict(n=1, h=6, w=7, c=96, kernel=(7, 7), padding=3),
+    dict(n=1, h=5, w=6, c=192),
     # A grid under one wave with 2^19 output elements (twice the least): the
     # CUDA forward's 16-pixel tiles (WithSmallGridTiles).
     dict(n=1, h=32, w=32, c=512),
