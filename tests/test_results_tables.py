@@ -13,7 +13,7 @@ ROOT = pathlib.Path(os.environ.get("JAX_DEFORM_SOURCE_TREE",
                                    pathlib.Path(__file__).resolve().parents[1]))
 BENCHMARKS = ROOT / "benchmarks"
 # (raw rows, table kind) of the "Current kernels" sections.
-CURRENT = [("h200_speed_1a3b4c3.json", "speed"), ("h200_models_1a3b4c3.json", "models")]
+CURRENT = [("h200_speed_10f0215.json", "speed"), ("h200_models_52e0722.json", "models")]
 
 
 def _tables():
