@@ -9,13 +9,14 @@
 # fitted to the group, with the forward's lanes, at the model layers), scatter
 # (the gather path's sample kernel with or without the atomics compiled in),
 # gather (vectors a lane in the gather), band (the band gather against the run
-# gather, and its segment width and samples a step).
+# gather, and its segment width and samples a step), order (the sample kernel's
+# visit order: rows or bands).
 # Variants are picked with
 # JAX_DEFORM_CUDA_TUNING (see lib/cuda_common.cuh); each is its own process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tune_out}; mkdir -p "$out"
-sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter gather band}
+sweeps=${*:2}; sweeps=${sweeps:-backward forward lanes rounds fit scatter gather band order}
 want() { [[ " $sweeps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 bench() {  # bench NAME TUNING ARGS...
@@ -113,6 +114,15 @@ if want band; then
       --dtype float32 --dtype bfloat16 "${bwd[@]}"
     bench "band7_${v:-default}" "$v" --shape 32,56,56,96 --shape 32,28,28,192 --kernel 7 \
       --dtype float32 --dtype bfloat16 "${bwd[@]}"
+  done
+fi
+if want order; then
+  # The sample kernel's visit order (SampleBandBits): row by row against bands
+  # of 8 rows, at the speed shapes and the model layers.
+  for v in "" sample_band_rows=1 sample_band_rows=8; do
+    bench "order3_${v:-default}" "$v" --shape 16,64,64,512 --shape 8,128,128,128 --shape 32,56,56,64 \
+      --dtype float32 --dtype bfloat16 --only jax_deform --mode fwd+bwd
+    bench "order_models_${v:-default}" "$v" --suite models --only jax_deform --mode fwd+bwd
   done
 fi
 python3 - "$out" <<'PY'
