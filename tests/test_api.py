@@ -263,25 +263,32 @@ def test_deterministic_gradients_match_reference_autodiff(rng, case):
 # of 64 channels or more whose band grid fills the GPU, the run gather for
 # the rest (so every case above, each too small to fill it, meets the run
 # gather only). Each runs the cases below, forced by its tuning key in a
-# fresh process (the key is read once a process): one lane and four lanes a
-# group (cases 0, 2), several channel slices and two vectors a lane (5: 384
-# channels, 13: 512 on a 32x32 image of many bands and segments, 10: two
-# groups of 256), two groups of 64 (9), one slice of 16 and 32 lanes (7, 6).
+# fresh process: one lane and four lanes a group (cases 0, 2), several
+# channel slices and two vectors a lane (5: 384 channels, 13: 512 on a 32x32
+# image of many bands and segments, 10: two groups of 256), two groups of 64
+# (9), one slice of 16 and 32 lanes (7, 6).
 # (All fourteen cases a gather took the GPU tests past their time limit.)
 EACH_GATHER_CASES = (0, 2, 5, 6, 7, 9, 10, 13)
+
+
+def _gpu_tests_pass_with_tuning(tuning, tests):
+    """Runs these tests of this file in a fresh process under the tuning key
+    (read once a process) and asserts that every one ran and passed."""
+    env = dict(os.environ, JAX_DEFORM_CUDA_TUNING=tuning)
+    ids = [f"{__file__}::{t}" for t in tests]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *ids],
+                         env=env, capture_output=True, text=True, check=False,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f"{len(tests)} passed" in run.stdout, run.stdout[-2000:]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gather", ["band", "runs"])
 def test_deterministic_gradients_with_each_gather(gather):
-    env = dict(os.environ, JAX_DEFORM_CUDA_TUNING=f"gather_kernel={gather}")
-    tests = [f"{__file__}::test_deterministic_gradients_match_reference_autodiff[{i}]"
-             for i in EACH_GATHER_CASES]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *tests],
-                         env=env, capture_output=True, text=True, check=False,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert f"{len(EACH_GATHER_CASES)} passed" in run.stdout, run.stdout[-2000:]
+    _gpu_tests_pass_with_tuning(
+        f"gather_kernel={gather}",
+        [f"test_deterministic_gradients_match_reference_autodiff[{i}]" for i in EACH_GATHER_CASES])
 
 
 # The sample kernel visits output pixels in bands of rows, column by column,
@@ -298,14 +305,8 @@ SAMPLE_ORDER_CASES = {"sample_band_rows=8": (0, 4, 5, 7, 8, 10, 12, 13),
 @pytest.mark.gpu
 @pytest.mark.parametrize("tuning", sorted(SAMPLE_ORDER_CASES))
 def test_gradients_in_each_sample_order(tuning):
-    cases = SAMPLE_ORDER_CASES[tuning]
-    env = dict(os.environ, JAX_DEFORM_CUDA_TUNING=tuning)
-    tests = [f"{__file__}::test_gradients_match_reference_autodiff[gpu-{i}]" for i in cases]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *tests],
-                         env=env, capture_output=True, text=True, check=False,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert f"{len(cases)} passed" in run.stdout, run.stdout[-2000:]
+    _gpu_tests_pass_with_tuning(
+        tuning, [f"test_gradients_match_reference_autodiff[gpu-{i}]" for i in SAMPLE_ORDER_CASES[tuning]])
 
 
 def test_backward_writes_every_output(rng, device):
